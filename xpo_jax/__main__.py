@@ -1,0 +1,3 @@
+from xpo_jax.cli import main
+
+raise SystemExit(main())
