@@ -1,4 +1,4 @@
-"""Command line: `xpo-jax demo` (also `python -m xpo_jax`)."""
+"""Command line: `xpo-jax train | demo` (also `python -m xpo_jax ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -30,9 +30,37 @@ def _demo(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from xpo_jax.config import config_from_args
+
+    cfg = config_from_args(args)
+    try:
+        cfg.validate()
+    except ValueError as e:  # before anything is built or compiled
+        print(f"xpo-jax train: error: {e}", file=sys.stderr)
+        return 2
+    print("config:\n" + cfg.to_json(), flush=True)
+    from xpo_jax.train import NonFiniteLoss, Trainer
+
+    try:
+        summary = Trainer(cfg).run()
+    except NonFiniteLoss as e:
+        print(f"xpo-jax train: {e}", file=sys.stderr)
+        return 3
+    print(f"wrote {cfg.run_dir}/{cfg.name}/ (metrics.jsonl, checkpoints/, curve.png, summary.md)")
+    if "final_j_beta" in summary:
+        print(f"exact J_beta: reference {summary['reference_j_beta']:.4f} -> final {summary['final_j_beta']:.4f}")
+    return 0
+
+
 def main(argv=None) -> int:
+    from xpo_jax.config import add_config_flags
+
     parser = argparse.ArgumentParser(prog="xpo-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="online XPO on a built-in task (the defaults: hard-explore)")
+    add_config_flags(t)
+    t.set_defaults(func=_train)
     p = sub.add_parser("demo", help="evaluate the XPO and DPO-family losses on random inputs")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)

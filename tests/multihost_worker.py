@@ -1,0 +1,101 @@
+"""One process of the real multi-process test (tests/test_parallel.py starts two of these).
+
+    python tests/multihost_worker.py --coordinator localhost:PORT --num-processes 2 --process-id I \
+        --out DIR [--data 2 --fsdp 2 --rounds 2]
+
+Each process sees its own CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=K set by
+the parent), joins the others with `initialize_distributed` (gloo CPU collectives), builds a
+data x fsdp mesh over every process's devices, places the state, feeds only its own rows of each
+round's batch (`host_prompts` -> `jax.make_array_from_process_local_data`), runs the sharded
+round, and process 0 writes the gathered final parameters and the first round's sampled tokens to
+DIR/result.npz for the parent to compare with the single-process run.
+
+Also importable (without side effects) for `parallel_test_config()`, the shared tiny setup.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+TASK_NAME = "parallel-test"
+
+
+def parallel_test_config(**overrides):
+    """The tiny run of the parallel tests: hard-explore's model and prompts, a randomly
+    initialised reference (reference_steps=0: no fine-tune to compile), batch 8, 2 rounds."""
+    import dataclasses
+
+    from xpo_jax.config import TrainConfig
+    from xpo_jax.tasks import TASKS, get_task, register_task
+
+    if TASK_NAME not in TASKS:
+        register_task(dataclasses.replace(get_task("hard-explore"), name=TASK_NAME, reference_steps=0))
+    kw = dict(task=TASK_NAME, batch_size=8, rounds=2, eval_every=0, checkpoint_every=0, progress=False,
+              tensorboard=False)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def flatten(tree) -> dict:
+    import jax
+
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--coordinator", required=True)
+    ap.add_argument("--num-processes", type=int, required=True)
+    ap.add_argument("--process-id", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data", type=int, default=None)
+    ap.add_argument("--fsdp", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+
+    # First, before anything touches a JAX device.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from xpo_jax.parallel import initialize_distributed
+
+    info = initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    print(f"[{args.process_id}] joined: {info}", flush=True)
+
+    import jax
+    import numpy as np
+
+    from xpo_jax import parallel as par
+    from xpo_jax.train import build_run
+
+    cfg = parallel_test_config(rounds=args.rounds)
+    run = build_run(cfg)
+    mesh = par.make_mesh(args.data, args.fsdp)
+    key = jax.random.PRNGKey(cfg.seed)
+    data_key = run.data_key(key)
+    state = par.shard_state(run.init_state(key, run.hparams()), mesh)
+    rows = par.host_batch_slice(mesh, cfg.batch_size)
+    print(f"[{args.process_id}] mesh {dict(mesh.shape)}, feeds rows {rows.start}:{rows.stop} of {cfg.batch_size}",
+          flush=True)
+    sharded = par.shard_round(run, mesh)
+    tokens = None
+    for r in range(cfg.rounds):
+        prompts, mask = par.host_prompts(run, mesh, data_key, r)
+        if r == 0:
+            _, pairs = sharded.make_pairs(state, prompts, mask)
+            tokens = par.gather((pairs.y.tokens, pairs.yt.tokens))
+        state, metrics = sharded.round_fn(state, prompts, mask)
+    params = par.gather(state.params)
+    loss = float(par.gather(metrics["loss"]))
+    if jax.process_index() == 0:
+        os.makedirs(args.out, exist_ok=True)
+        np.savez(os.path.join(args.out, "result.npz"), y=np.asarray(tokens[0]), yt=np.asarray(tokens[1]),
+                 loss=loss, **{"param:" + k: np.asarray(v) for k, v in flatten(params).items()})
+    print(f"[{args.process_id}] done in {time.perf_counter() - t0:.1f} s, last loss {loss:.6f}", flush=True)
+    jax.distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

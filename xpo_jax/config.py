@@ -1,0 +1,184 @@
+"""Every training option in one frozen dataclass, validated before anything compiles, and the
+command-line flags generated from it (`--alpha 1e-3 --beta 0.1 --rounds 200 ...`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from typing import Optional
+
+from xpo_jax.losses import LOSS_TYPES
+
+EXPLORATION_POLICIES = ("ref", "policy")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Options of an online XPO run. Field comments are the CLI help."""
+
+    # -- run ------------------------------------------------------------------------------
+    name: str = "xpo"  # run name: output goes to <run_dir>/<name>/
+    run_dir: str = "runs"  # parent folder of runs
+    task: str = "hard-explore"  # built-in task (xpo_jax.tasks.TASKS)
+    rounds: int = 150  # online rounds (sample, judge, update)
+    seed: int = 0  # seeds the policy's sampling, the oracle and the replay draws
+    reference_seed: int = 0  # seeds the reference policy's fine-tune
+    # -- algorithm ------------------------------------------------------------------------
+    alpha: float = 0.05  # XPO exploration coefficient (0 = online DPO)
+    alpha_end: Optional[float] = None  # linear schedule to this value at the last round
+    beta: float = 0.1  # KL strength of the DPO loss
+    beta_end: Optional[float] = None  # linear schedule to this value at the last round
+    loss_type: str = "sigmoid"  # DPO-family loss (xpo_jax.losses.LOSS_TYPES)
+    label_smoothing: float = 0.0  # for sigmoid / robust / exo_pair / aot_pair
+    bonus_clip: Optional[float] = None  # clip log pi/pi_ref(y~) to +-this in the bonus
+    exploration_policy: str = "ref"  # y~ from "ref" (XPO Alg. 1) or "policy" (pi~ = pi_t)
+    # -- sampling -------------------------------------------------------------------------
+    batch_size: int = 32  # prompts per round
+    temperature: float = 1.0  # sampling temperature of y and y~
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    max_new_tokens: Optional[int] = None  # default: the task's
+    # -- oracle ---------------------------------------------------------------------------
+    bradley_terry: bool = False  # sample the preference from sigmoid(r(y) - r(y~))
+    missing_eos_penalty: Optional[float] = None  # subtracted from scores of responses without EOS
+    mask_identical: bool = False  # drop pairs whose two responses are identical
+    # -- optimiser ------------------------------------------------------------------------
+    learning_rate: float = 3e-3  # AdamW peak learning rate
+    lr_scale: float = 1.0  # traced multiplier of the learning rate (for sweeps)
+    warmup_rounds: int = 0  # linear warm-up, in optimiser steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # global-norm clipping (0 = off)
+    updates_per_round: int = 1  # optimiser steps on each fresh batch
+    micro_batches: int = 1  # gradient accumulation: split each batch into this many
+    replay_capacity: int = 0  # keep this many past labelled pairs (0 = TRL: none)
+    replay_batch_size: int = 0  # replayed pairs added to each update
+    # -- logging / checkpoints ------------------------------------------------------------
+    eval_every: int = 10  # exact J_beta on synthetic tasks every this many rounds (0 = off)
+    checkpoint_every: int = 50  # save every this many rounds (0 = only at the end)
+    keep_checkpoints: int = 2  # checkpoints kept on disk
+    resume: bool = False  # continue from <run_dir>/<name>/checkpoints
+    tensorboard: bool = True  # write TensorBoard events (needs tensorboardX)
+    progress: bool = True  # tqdm progress bar
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the first bad field; return self."""
+        def bad(field, why):
+            raise ValueError(f"--{field.replace('_', '-')}={getattr(self, field)!r}: {why}")
+
+        for f in ("rounds", "batch_size", "updates_per_round", "micro_batches", "keep_checkpoints"):
+            if getattr(self, f) < 1:
+                bad(f, "must be >= 1")
+        for f in ("eval_every", "checkpoint_every", "warmup_rounds", "replay_capacity", "replay_batch_size", "top_k"):
+            if getattr(self, f) < 0:
+                bad(f, "must be >= 0")
+        for f in ("alpha", "alpha_end", "label_smoothing", "weight_decay", "max_grad_norm", "temperature"):
+            v = getattr(self, f)
+            if v is not None and not (v >= 0 and v < float("inf")):
+                bad(f, "must be finite and >= 0")
+        for f in ("beta", "beta_end", "learning_rate", "lr_scale"):
+            v = getattr(self, f)
+            if v is not None and not (v > 0 and v < float("inf")):
+                bad(f, "must be finite and > 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.label_smoothing >= 0.5:
+            bad("label_smoothing", "must be < 0.5")
+        if self.bonus_clip is not None and not self.bonus_clip > 0:
+            bad("bonus_clip", "must be > 0")
+        if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
+            bad("missing_eos_penalty", "must be >= 0 (it is subtracted from the score)")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be >= 1")
+        if self.loss_type not in LOSS_TYPES:
+            bad("loss_type", f"expected one of {', '.join(LOSS_TYPES)}")
+        if self.exploration_policy not in EXPLORATION_POLICIES:
+            bad("exploration_policy", f"expected one of {', '.join(EXPLORATION_POLICIES)}")
+        if self.batch_size % self.micro_batches:
+            bad("micro_batches", f"must divide --batch-size={self.batch_size}")
+        if self.replay_batch_size and not self.replay_capacity:
+            bad("replay_batch_size", "needs --replay-capacity > 0")
+        if self.replay_capacity and not self.replay_batch_size:
+            bad("replay_capacity", "needs --replay-batch-size > 0 (pairs replayed per update)")
+        if self.replay_batch_size % self.micro_batches:
+            bad("micro_batches", f"must divide --replay-batch-size={self.replay_batch_size}")
+        if not self.name or "/" in self.name:
+            bad("name", "must be a non-empty name without '/'")
+        from xpo_jax.tasks import TASKS  # late: tasks imports the model
+
+        if self.task not in TASKS:
+            bad("task", f"expected one of {', '.join(sorted(TASKS))}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI flags from the dataclass
+# ----------------------------------------------------------------------------------------------
+
+
+def _field_comments(cls) -> dict:
+    """Field name -> trailing `# comment` in the class source (the flags' help text)."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        s = line.strip()
+        if ":" in s and "#" in s and not s.startswith("#"):
+            name = s.split(":", 1)[0].strip()
+            out[name] = s.split("#", 1)[1].strip()
+    return out
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
+
+
+def _optional(conv):
+    def parse(s: str):
+        return None if s.strip().lower() in ("none", "") else conv(s)
+
+    parse.__name__ = conv.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One `--flag` per field; defaults come from the dataclass (None = keep the default)."""
+    hints = typing.get_type_hints(cls)
+    helps = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        optional = typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t)
+        base = [a for a in typing.get_args(t) if a is not type(None)][0] if optional else t
+        conv = _parse_bool if base is bool else base
+        if optional:
+            conv = _optional(conv)
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = dict(type=conv, default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default {f.default!r})")
+        if base is bool:
+            kwargs.update(nargs="?", const=True)
+        parser.add_argument(flag, dest=f.name, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, cls=TrainConfig, base: Optional[TrainConfig] = None):
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return dataclasses.replace(base or cls(), **overrides)

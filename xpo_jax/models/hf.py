@@ -1,0 +1,513 @@
+"""Hugging Face checkpoints <-> xpo_jax parameters, through safetensors (no torch, no transformers).
+
+Supported architectures (`architectures[0]` in config.json):
+
+    LlamaForCausalLM,   MistralForCausalLM,   Qwen2ForCausalLM                -> kind "causal_lm"
+    LlamaForSequenceClassification, MistralForSequenceClassification,
+    Qwen2ForSequenceClassification  (num_labels = 1, a scalar reward)        -> kind "reward_model"
+
+A "causal_lm" loads into `Transformer`, a "reward_model" into `RewardModel`; the parameter names
+follow the mechanical map in transformer.py's module docstring (`_param_map` below spells it out).
+
+    config_from_hf(hf_config)                  config.json (a dict) -> ModelConfig
+    load_hf(path, dtype=None)                  checkpoint dir -> (ModelConfig, params, kind)
+    save_hf(path, config, params, kind=...)    params -> a dir transformers' from_pretrained loads
+
+Both config.json dialects are read: transformers 4.x writes `rope_theta` and `rope_scaling` at the
+top level and `torch_dtype`; transformers 5.x writes `rope_parameters` ({rope_type, rope_theta,
+...}) and `dtype`. save_hf writes both, so either version loads its output.
+
+Features we do not implement raise NotImplementedError naming the config key: hidden_act other than
+silu, Llama's `attention_bias` (it also adds an o_proj bias) or `mlp_bias`, RoPE types other than
+"default" and "llama3", `partial_rotary_factor` < 1, quantized checkpoints, more than one label.
+
+Sliding-window attention (Mistral v0.1's `sliding_window: 4096`, Qwen2's `use_sliding_window`) is
+handled by capping `max_seq_len` at the window: on sequences no longer than the window, sliding-
+window attention sees every earlier token, i.e. it IS full causal attention, and the sampler and
+tasks refuse sequences longer than `max_seq_len`. A window >= max_position_embeddings changes
+nothing. (HF measures the window in padded slots, we bound slots by max_seq_len, so the two agree.)
+
+Reward models and padding. HF's `*ForSequenceClassification` reads the score at "the rightmost
+token that is not `pad_token_id`" (transformers >= 4.47; this handles left and right padding; a
+batch of more than one row needs `pad_token_id` set in config.json). Our `RewardModel` reads it at
+the last position where the attention mask is 1. The two agree whenever the last real token of a
+row is not the pad token. They differ when pad_token_id == eos_token_id (common: Qwen and Llama
+chat checkpoints pad with EOS) and a response ends with EOS: HF then scores the token before the
+EOS, we score the EOS itself. save_hf writes `pad_token_id` only when given (`extra_config`).
+
+Memory. load_hf reads one tensor at a time (safetensors' numpy API), converts it (dtype,
+transpose), puts it on the default device and drops the host copy: the host never holds a second
+full copy of the model. save_hf materialises one shard at a time on the host, so pass `shard_size`
+for models larger than you want copied to host memory at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from xpo_jax.models.transformer import Llama3RopeScaling, ModelConfig, RewardModel, Transformer
+
+KINDS = ("causal_lm", "reward_model")
+
+# architectures[0] -> (family, kind). The family decides bias and defaults; see config_from_hf.
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "causal_lm"),
+    "MistralForCausalLM": ("mistral", "causal_lm"),
+    "Qwen2ForCausalLM": ("qwen2", "causal_lm"),
+    "LlamaForSequenceClassification": ("llama", "reward_model"),
+    "MistralForSequenceClassification": ("mistral", "reward_model"),
+    "Qwen2ForSequenceClassification": ("qwen2", "reward_model"),
+}
+
+# HF config class defaults (transformers 5.x) for keys a config.json may leave out.
+_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+
+# Checkpoint tensors that carry no parameter: old Llama checkpoints saved RoPE's inverse
+# frequencies as a buffer; we recompute them from rope_theta.
+_IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
+
+# safetensors dtype names -> numpy dtypes (bf16 through ml_dtypes, which jax depends on).
+_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# --------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# --------------------------------------------------------------------------------------------
+
+
+def hf_architecture(hf_config: dict) -> tuple[str, str]:
+    """(family, kind) of a config.json dict: family in {"llama", "mistral", "qwen2"}, kind in KINDS.
+
+    Uses `architectures[0]`; a config without `architectures` (written by a bare
+    `Config().save_pretrained`) is taken as the causal LM of its `model_type`.
+    """
+    archs = hf_config.get("architectures")
+    if archs:
+        arch = archs[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
+        return ARCHITECTURES[arch]
+    model_type = hf_config.get("model_type")
+    if model_type not in _MAX_POSITIONS:
+        raise ValueError(f"config has no 'architectures' and unsupported model_type {model_type!r}; "
+                         f"supported: {sorted(ARCHITECTURES)}")
+    return model_type, "causal_lm"
+
+
+def _require(hf_config: dict, key: str):
+    if hf_config.get(key) is None:
+        raise ValueError(f"config.json lacks required key {key!r}")
+    return hf_config[key]
+
+
+def _rope(hf_config: dict) -> tuple[float, Optional[Llama3RopeScaling]]:
+    """(rope_theta, llama3 scaling or None) from either config dialect, with transformers 5's
+    precedence: `rope_scaling`, else `rope_parameters`; theta from the dict, else top level."""
+    key = "rope_scaling" if hf_config.get("rope_scaling") else "rope_parameters"
+    rope = dict(hf_config.get(key) or {})
+    layer_types = set(hf_config.get("layer_types") or ())
+    if rope and layer_types and set(rope) <= layer_types:
+        # Nested per layer type ({"full_attention": {...}, ...}): fine if all layers agree.
+        variants = [v for v in rope.values() if v is not None]
+        if any(v != variants[0] for v in variants):
+            raise NotImplementedError(f"config key {key!r}: different RoPE per layer type {rope}")
+        rope = dict(variants[0]) if variants else {}
+    theta = float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    partial = rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise NotImplementedError(f"config key 'partial_rotary_factor'={partial}: RoPE on part of "
+                                  "each head is not implemented")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        max_pos = hf_config.get("max_position_embeddings", 8192)
+        return theta, Llama3RopeScaling(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position=int(rope.get("original_max_position_embeddings", max_pos)),
+        )
+    raise NotImplementedError(f"config key {key!r}: rope_type {rope_type!r} is not implemented "
+                              "(supported: 'default', 'llama3')")
+
+
+def _sliding_window(hf_config: dict, family: str) -> Optional[int]:
+    """The attention window if some layer uses one, else None (see the module docstring)."""
+    if family == "mistral":
+        return hf_config.get("sliding_window")
+    if family == "qwen2" and hf_config.get("use_sliding_window") and hf_config.get("sliding_window"):
+        n_layers = hf_config["num_hidden_layers"]
+        layer_types = hf_config.get("layer_types")
+        if layer_types is None:  # transformers' rule: layers from max_window_layers on slide
+            sliding = hf_config.get("max_window_layers", 28) < n_layers
+        else:
+            sliding = "sliding_attention" in layer_types
+        return hf_config["sliding_window"] if sliding else None
+    return None
+
+
+def config_from_hf(hf_config: dict) -> ModelConfig:
+    """ModelConfig (float32 compute and storage) of a Llama / Mistral / Qwen2 config.json dict.
+
+    Raises ValueError for an unknown architecture or a missing required key, and
+    NotImplementedError naming the key of a feature present in the config that we do not support.
+    """
+    family, kind = hf_architecture(hf_config)
+    if hf_config.get("quantization_config"):
+        raise NotImplementedError("config key 'quantization_config': quantized checkpoints are "
+                                  "not supported; use a float checkpoint")
+    act = hf_config.get("hidden_act", "silu")
+    if act != "silu":
+        raise NotImplementedError(f"config key 'hidden_act'={act!r}: only 'silu' (SwiGLU) is implemented")
+    if hf_config.get("mlp_bias"):
+        raise NotImplementedError("config key 'mlp_bias': MLP biases are not implemented")
+    if family != "qwen2" and hf_config.get("attention_bias"):
+        # Llama's attention_bias puts a bias on o_proj too; our Attention has q/k/v bias only.
+        raise NotImplementedError("config key 'attention_bias': o_proj bias is not implemented")
+    if kind == "reward_model":
+        n_labels = len(hf_config["id2label"]) if hf_config.get("id2label") else hf_config.get("num_labels", 1)
+        if n_labels != 1:
+            raise NotImplementedError(f"config key 'id2label': {n_labels} labels; a reward model "
+                                      "has exactly one (num_labels=1)")
+
+    d_model = int(_require(hf_config, "hidden_size"))
+    n_heads = int(_require(hf_config, "num_attention_heads"))
+    theta, rope_scaling = _rope(hf_config)
+    max_seq_len = int(hf_config.get("max_position_embeddings") or _MAX_POSITIONS[family])
+    window = _sliding_window(hf_config, family)
+    if window is not None and window < max_seq_len:
+        max_seq_len = int(window)
+    return ModelConfig(
+        vocab_size=int(_require(hf_config, "vocab_size")),
+        d_model=d_model,
+        n_layers=int(_require(hf_config, "num_hidden_layers")),
+        n_heads=n_heads,
+        n_kv_heads=int(hf_config.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf_config.get("head_dim") or d_model // n_heads),
+        mlp_dim=int(_require(hf_config, "intermediate_size")),
+        rope_theta=theta,
+        rms_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        qkv_bias=family == "qwen2",  # Qwen2's q/k/v projections always have a bias
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        max_seq_len=max_seq_len,
+        init_std=float(hf_config.get("initializer_range", 0.02)),
+        rope_scaling=rope_scaling,
+    ).validate()
+
+
+def config_to_hf(config: ModelConfig, kind: str = "causal_lm", dtype: Any = None) -> dict:
+    """config.json for `config`: Qwen2 when it has q/k/v bias, else Llama (the only HF family
+    that matches each case exactly). `dtype` (default: the parameter dtype) is the tensors' dtype."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    family = "qwen2" if config.qkv_bias else "llama"
+    arch = {"llama": "Llama", "qwen2": "Qwen2"}[family] + (
+        "ForCausalLM" if kind == "causal_lm" else "ForSequenceClassification")
+    dtype_name = jnp.dtype(config.param_dtype if dtype is None else dtype).name
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rs = config.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": rs.factor,
+                "low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
+                "original_max_position_embeddings": rs.original_max_position}
+    hf = {
+        "architectures": [arch],
+        "model_type": family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.mlp_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_eps,
+        "max_position_embeddings": config.max_seq_len,
+        "initializer_range": config.init_std,
+        "tie_word_embeddings": config.tie_embeddings,
+        # transformers 5.x reads rope_parameters; 4.x reads rope_theta / rope_scaling.
+        "rope_parameters": rope,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": dict(rope) if config.rope_scaling is not None else None,
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+    if family == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    if kind == "reward_model":
+        hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return hf
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter names
+# --------------------------------------------------------------------------------------------
+
+
+def _param_map(config: ModelConfig, kind: str) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """HF tensor name -> (our param path, transpose?) for every parameter of the model."""
+    m: dict[str, tuple[tuple[str, ...], bool]] = {
+        "model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), False),
+        "model.norm.weight": (("model", "norm", "scale"), False),
+    }
+    for i in range(config.n_layers):
+        hf, ours = f"model.layers.{i}.", ("model", f"layers_{i}")
+        m[hf + "input_layernorm.weight"] = (ours + ("input_layernorm", "scale"), False)
+        m[hf + "post_attention_layernorm.weight"] = (ours + ("post_attention_layernorm", "scale"), False)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            m[hf + f"self_attn.{proj}.weight"] = (ours + ("self_attn", proj, "kernel"), True)
+            if config.qkv_bias and proj != "o_proj":
+                m[hf + f"self_attn.{proj}.bias"] = (ours + ("self_attn", proj, "bias"), False)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            m[hf + f"mlp.{proj}.weight"] = (ours + ("mlp", proj, "kernel"), True)
+    if kind == "causal_lm" and not config.tie_embeddings:
+        m["lm_head.weight"] = (("lm_head", "kernel"), True)
+    if kind == "reward_model":
+        m["score.weight"] = (("score", "kernel"), True)
+    return m
+
+
+def _expected_shapes(config: ModelConfig, kind: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Our param path -> shape, from the module itself (abstract init: no memory, no compute).
+
+    Cross-checked against _param_map so a renamed parameter in transformer.py fails loudly here
+    instead of loading a checkpoint half-way."""
+    module = Transformer(config) if kind == "causal_lm" else RewardModel(config)
+    tokens, mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
+    tree = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, mask)["params"])
+    shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
+    mapped = {path for path, _ in _param_map(config, kind).values()}
+    if mapped != set(shapes):
+        raise RuntimeError(f"xpo_jax.models.hf is out of date with the model's parameters: "
+                           f"unmapped {sorted(set(shapes) - mapped)}, stale {sorted(mapped - set(shapes))}")
+    return shapes
+
+
+def _float_dtype(dtype: Any, default: Any) -> np.dtype:
+    dt = jnp.dtype(default if dtype is None else dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype, got {dt}")
+    return dt
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _checkpoint_files(path: Path) -> dict[Path, list[str]]:
+    """safetensors file -> the tensor names it holds (single file, or shards through the index)."""
+    from safetensors import safe_open
+
+    if (path / INDEX_FILE).exists():
+        with open(path / INDEX_FILE, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files: dict[Path, list[str]] = {}
+        for name, filename in weight_map.items():
+            files.setdefault(path / filename, []).append(name)
+        for file in files:
+            if not file.exists():
+                raise FileNotFoundError(f"{path / INDEX_FILE} names shard {file.name}, which is missing")
+        return files
+    if (path / SINGLE_FILE).exists():
+        with safe_open(path / SINGLE_FILE, framework="np") as f:
+            return {path / SINGLE_FILE: list(f.keys())}
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (only safetensors "
+                            "checkpoints are supported; convert pytorch_model.bin with transformers)")
+
+
+def _raw_tensor(file: Path, name: str) -> np.ndarray:
+    """Read one tensor straight from the safetensors layout (u64 header length, JSON header, data).
+
+    The fallback for safetensors releases whose numpy API cannot build bfloat16 arrays."""
+    with open(file, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        info = json.loads(fh.read(header_len))[name]
+        if info["dtype"] not in _NP_DTYPES:
+            raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}, not a float type")
+        start, end = info["data_offsets"]
+        fh.seek(8 + header_len + start)
+        data = fh.read(end - start)
+    return np.frombuffer(data, dtype=_NP_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _read_tensor(f, file: Path, name: str) -> np.ndarray:
+    try:
+        x = f.get_tensor(name)
+    except (TypeError, ValueError):  # e.g. "data type 'bfloat16' not understood" (old safetensors)
+        x = _raw_tensor(file, name)
+    if not np.issubdtype(x.dtype, np.floating) and x.dtype != ml_dtypes.bfloat16:
+        raise ValueError(f"{file}: tensor {name!r} has dtype {x.dtype}, expected a float type")
+    return x
+
+
+def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig, dict, str]:
+    """Load a Hugging Face checkpoint directory (config.json + safetensors).
+
+    Args:
+      path: a directory with config.json and model.safetensors, or shards listed in
+        model.safetensors.index.json (as `save_pretrained` writes them).
+      dtype: storage dtype of the returned params (default float32, whatever the checkpoint
+        holds: a bf16 checkpoint upcasts exactly). The returned config computes in the same dtype;
+        for bf16 compute over f32 params use `dataclasses.replace(config, dtype="bfloat16")`.
+
+    Returns:
+      (config, params, kind): params is the "params" collection of `Transformer(config)` when kind
+      is "causal_lm", of `RewardModel(config)` when kind is "reward_model".
+
+    Raises:
+      KeyError naming the HF tensor(s) missing from the checkpoint; ValueError for unexpected
+      tensors (besides rotary inv_freq buffers, and lm_head.weight when embeddings are tied, which
+      transformers also ignores), wrong shapes or non-float dtypes; and config_from_hf's errors.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {path}")
+    with open(path / "config.json", encoding="utf-8") as f:
+        hf_config = json.load(f)
+    _, kind = hf_architecture(hf_config)
+    dt = _float_dtype(dtype, "float32")
+    config = dataclasses.replace(config_from_hf(hf_config), dtype=dt.name, param_dtype=dt.name)
+    names = _param_map(config, kind)
+    shapes = _expected_shapes(config, kind)
+
+    # Check names before reading any data: a wrong checkpoint fails fast and names the tensors.
+    files = _checkpoint_files(path)
+    present = {name for file_names in files.values() for name in file_names}
+    missing = sorted(set(names) - present)
+    if missing:
+        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensor(s) of a {kind}: "
+                       f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    ignorable = {n for n in present if n.endswith(_IGNORABLE_SUFFIXES)}
+    if kind == "causal_lm" and config.tie_embeddings:
+        ignorable |= {"lm_head.weight"} & present  # a tied head saved anyway; HF re-ties it too
+    extra = sorted(present - set(names) - ignorable)
+    if extra:
+        raise ValueError(f"{path}: checkpoint has {len(extra)} unexpected tensor(s) for a "
+                         f"{kind} of this config.json: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+
+    flat = {}
+    for file, file_names in files.items():
+        with safe_open(file, framework="np") as f:
+            for name in file_names:
+                if name not in names:
+                    continue
+                param_path, transpose = names[name]
+                x = _read_tensor(f, file, name)
+                hf_shape = shapes[param_path][::-1] if transpose else shapes[param_path]
+                if x.shape != hf_shape:
+                    raise ValueError(f"{path}: tensor {name!r} has shape {x.shape}, expected "
+                                     f"{hf_shape} for this config.json")
+                if transpose:
+                    x = x.T
+                # One converted host copy of this tensor, then onto the device; both host arrays
+                # die at the next iteration, so host memory holds at most one tensor's worth.
+                flat[param_path] = jnp.asarray(np.asarray(x, dtype=dt))
+                del x
+    return config, traverse_util.unflatten_dict(flat), kind
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind: str = "causal_lm",
+            dtype: Any = None, shard_size: Optional[int] = None,
+            extra_config: Optional[dict] = None) -> None:
+    """Write `params` as a Hugging Face checkpoint directory that transformers loads with
+    `AutoModelForCausalLM` (kind "causal_lm") or `AutoModelForSequenceClassification`
+    (kind "reward_model").
+
+    Args:
+      path: output directory (created; existing config.json / safetensors files are overwritten).
+      config, params: the model and its "params" collection (`Transformer` or `RewardModel`).
+      kind: "causal_lm" or "reward_model".
+      dtype: tensor dtype in the files (default config.param_dtype); also written as
+        `torch_dtype` / `dtype` in config.json.
+      shard_size: at most this many bytes per file: model-0000i-of-0000n.safetensors plus
+        model.safetensors.index.json (a tensor larger than shard_size gets a shard of its own).
+        None writes one model.safetensors.
+      extra_config: entries merged into config.json last, e.g. {"pad_token_id": 0,
+        "eos_token_id": 2} (HF's sequence classification needs pad_token_id for batches).
+
+    Tied embeddings (config.tie_embeddings) write no lm_head tensor, as transformers does.
+    """
+    from safetensors.numpy import save_file
+
+    dt = _float_dtype(dtype, config.param_dtype)
+    hf_config = config_to_hf(config, kind, dt)
+    hf_config.update(extra_config or {})
+    names = _param_map(config, kind)
+    shapes = _expected_shapes(config, kind)
+    flat = traverse_util.flatten_dict(params)
+    for param_path, shape in shapes.items():
+        if param_path not in flat:
+            raise KeyError(f"params lack {'/'.join(param_path)} (a {kind} of this config)")
+        if tuple(flat[param_path].shape) != shape:
+            raise ValueError(f"params {'/'.join(param_path)} has shape {flat[param_path].shape}, "
+                             f"expected {shape}")
+    extra = sorted("/".join(p) for p in set(flat) - set(shapes))
+    if extra:
+        raise ValueError(f"params have entries that are not part of a {kind}: {extra}")
+
+    # Plan the shards from shapes alone, so file names (which include the shard count) are known
+    # before any tensor is copied to the host.
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (param_path, _) in names.items():
+        nbytes = math.prod(shapes[param_path]) * dt.itemsize
+        if shard_size is not None and shards[-1] and size + nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # a mix of old and new shards would load the wrong tensors
+    if shard_size is None:
+        filenames = [SINGLE_FILE]
+    else:
+        filenames = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for filename, shard in zip(filenames, shards):
+        tensors = {}
+        for name in shard:
+            param_path, transpose = names[name]
+            x = np.asarray(jax.device_get(flat[param_path])).astype(dt)
+            tensors[name] = np.ascontiguousarray(x.T if transpose else x)
+            weight_map[name] = filename
+            total += tensors[name].nbytes
+        # transformers refuses safetensors files without format metadata it knows.
+        save_file(tensors, str(path / filename), metadata={"format": "pt"})
+        del tensors
+    if shard_size is not None:
+        with open(path / INDEX_FILE, "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(path / "config.json", "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)

@@ -1,0 +1,545 @@
+"""Llama / Qwen2-family decoder language model in Flax Linen, with an explicit KV cache.
+
+Architecture (Touvron et al. 2023, arXiv 2302.13971; Qwen2, arXiv 2407.10671), per layer:
+
+    h   = x + o_proj(Attention(RoPE(q_proj(RMSNorm(x))), RoPE(k_proj(.)), v_proj(.)))
+    out = h + down_proj(silu(gate_proj(RMSNorm(h))) * up_proj(RMSNorm(h)))          (SwiGLU)
+
+    RMSNorm(x) = scale * x / sqrt(mean(x^2) + eps)                (Zhang & Sennrich 2019)
+    Attention  = softmax(q k^T / sqrt(head_dim) + mask) v, grouped-query (Ainslie et al. 2023):
+                 query head h reads key/value head h // (n_heads / n_kv_heads), as HF `repeat_kv`.
+    RoPE       = x * cos(p w) + rotate_half(x) * sin(p w), w_i = theta^(-2i/head_dim)
+                 (Su et al. 2021), HF "rotate_half" convention: the two halves of each head are
+                 rotated together, so HF q/k weights import without any permutation.
+
+Padding. `mask` [B, T] marks real tokens. Prompts are left-padded and responses right-padded, so a
+row looks like `pad pad p1 p2 p3 r1 r2 EOS pad`. Positions are `cumsum(mask) - 1` clipped at 0,
+so a left-padded prompt gets exactly the positions of the unpadded one, and attention is causal
+AND never looks at a padded key. Outputs at padded positions are finite but meaningless. Logits at
+position t predict token t+1 and are float32 whatever the compute dtype.
+
+Parameter tree (the "params" collection) and the mechanical map from HF Llama / Qwen2 names
+(`LlamaForCausalLM`, `Qwen2ForCausalLM`, `*ForSequenceClassification`). A Linear `weight` is
+[out, in] in torch and `kernel` [in, out] here, so it is transposed; nothing else changes:
+
+    HF name                                          xpo_jax path                                   op
+    model.embed_tokens.weight          [V, D]        model/embed_tokens/embedding       [V, D]
+    model.layers.{i}.input_layernorm.weight          model/layers_{i}/input_layernorm/scale
+    model.layers.{i}.self_attn.q_proj.weight [H*Dh,D] model/layers_{i}/self_attn/q_proj/kernel [D,H*Dh] .T
+    model.layers.{i}.self_attn.q_proj.bias   (Qwen2) model/layers_{i}/self_attn/q_proj/bias
+    model.layers.{i}.self_attn.{k,v}_proj.{weight,bias}   .../self_attn/{k,v}_proj/{kernel,bias}     .T (kernel)
+    model.layers.{i}.self_attn.o_proj.weight         model/layers_{i}/self_attn/o_proj/kernel      .T
+    model.layers.{i}.post_attention_layernorm.weight model/layers_{i}/post_attention_layernorm/scale
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight  model/layers_{i}/mlp/{gate,up,down}_proj/kernel .T
+    model.norm.weight                                model/norm/scale
+    lm_head.weight                     [V, D]        lm_head/kernel                      [D, V]     .T
+        (absent when tie_word_embeddings / tie_embeddings: logits use model/embed_tokens/embedding)
+    score.weight                       [1, D]        score/kernel (RewardModel only)     [D, 1]     .T
+
+i.e. split the HF name on ".", join "layers" and its index as "layers_{i}", rename the leaf
+(`weight` -> `kernel` (transposed) for Linear, `scale` for RMSNorm, `embedding` for the embedding).
+
+KV cache. `KVCache` is a plain pytree (no Flax "cache" collection): per-layer key and value
+buffers laid out [B, n_kv_heads, S, head_dim], a slot mask [B, S], the write index (shared by all
+rows, because prompts are left-padded to one length) and each row's next RoPE position. The
+[B, Hkv, S, Dh] layout keeps (batch, head) leading and head_dim last, so both attention einsums
+are plain batched matmuls on the cache as stored -- no per-step transpose or copy of the cache --
+and a decode step writes one slot with `dynamic_update_slice`, in place inside a jitted loop.
+
+Methods (call through `model.apply({"params": params}, ..., method=NAME)`):
+
+    __call__(tokens, mask)                -> logits [B, T, V] f32           (full forward, no cache)
+    init_cache(batch_size, max_len)       -> KVCache (zeros; reads no params)
+    prefill(tokens, mask, cache)          -> (logits of the last position [B, V] f32, cache)
+    decode(tokens [B], cache)             -> (logits [B, V] f32, cache)    (one token per row)
+    extend(tokens, mask, cache)           -> (logits [B, T, V] f32, cache) (general chunk; prefill
+                                             and decode are this with T = prompt length / 1)
+
+The cached path attends to the cache after writing the chunk into it, with the mask
+`slot <= index + t  and  cache.mask[b, slot]`, which is the full forward's causal-and-not-pad
+mask restated in slots; the tests check equality at every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1+ RoPE frequency scaling (HF `rope_type="llama3"`).
+
+    With wavelength l_i = 2 pi / w_i and L = original_max_position:
+    l_i > L / low_freq_factor  -> w_i / factor;   l_i < L / high_freq_factor -> w_i;
+    otherwise (1 - s) w_i / factor + s w_i with s = (L / l_i - low) / (high - low).
+    """
+
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama/Qwen2 decoder.
+
+    `dtype` is the compute dtype (activations, KV cache), `param_dtype` the storage dtype of the
+    parameters; both accept a string ("bfloat16") or a jnp dtype. `max_seq_len` (HF
+    max_position_embeddings) bounds prompt + generated length; RoPE itself has no limit.
+    `init_std` is HF's `initializer_range` (normal init of every Linear and the embedding).
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    max_seq_len: int = 4096
+    init_std: float = 0.02
+    rope_scaling: Optional[Llama3RopeScaling] = None
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the first bad field; return self so calls chain."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "mlp_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide "
+                             f"n_heads={self.n_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+        for name in ("rope_theta", "rms_eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {v!r}")
+        if not (isinstance(self.init_std, (int, float)) and self.init_std >= 0):
+            raise ValueError(f"ModelConfig.init_std must be >= 0, got {self.init_std!r}")
+        for name in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                dt = jnp.dtype(getattr(self, name))
+            except TypeError as e:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype") from e
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise ValueError(f"ModelConfig.{name} must be a floating dtype, got {dt}")
+        rs = self.rope_scaling
+        if rs is not None:
+            if not isinstance(rs, Llama3RopeScaling):
+                raise ValueError(f"ModelConfig.rope_scaling must be None or Llama3RopeScaling, got {rs!r}")
+            if not (rs.factor > 0 and rs.high_freq_factor > rs.low_freq_factor > 0
+                    and rs.original_max_position > 0):
+                raise ValueError(f"ModelConfig.rope_scaling has bad values: {rs!r}")
+        return self
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tiny and fast to compile: for unit tests (Qwen2 flavour: q/k/v bias, untied head).
+    "test": ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                        mlp_dim=64, rope_theta=10000.0, rms_eps=1e-6, qkv_bias=True,
+                        tie_embeddings=False, max_seq_len=512),
+    # The `tiny` preset of shared/bench/trl_xpo_round.py (Qwen2Config, HF defaults filled in:
+    # head_dim = 256 / 4, rope_theta 1e6, rms_norm_eps 1e-6, attention bias on).
+    "bench-tiny": ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                              head_dim=64, mlp_dim=688, rope_theta=1e6, rms_eps=1e-6, qkv_bias=True,
+                              tie_embeddings=False, max_seq_len=4096),
+    # Qwen/Qwen2-0.5B (and the `small` preset of trl_xpo_round.py).
+    "qwen2-0.5b": ModelConfig(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                              head_dim=64, mlp_dim=4864, rope_theta=1e6, rms_eps=1e-6, qkv_bias=True,
+                              tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
+                              max_seq_len=32768),
+    # meta-llama/Llama-3.2-1B shape (random init here; rope_scaling as in its config.json).
+    "llama-1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                            head_dim=64, mlp_dim=8192, rope_theta=500000.0, rms_eps=1e-5,
+                            qkv_bias=False, tie_embeddings=True, dtype="bfloat16",
+                            param_dtype="float32", max_seq_len=131072,
+                            rope_scaling=Llama3RopeScaling(32.0, 1.0, 4.0, 8192)),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A preset from PRESETS with fields replaced by `overrides`, validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    bad = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if bad:
+        raise ValueError(f"unknown ModelConfig field(s) {sorted(bad)}")
+    return dataclasses.replace(PRESETS[name], **overrides).validate()
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """Explicit decoding state. S = number of slots (prompt length + new tokens).
+
+    k, v:          tuples of n_layers arrays [B, n_kv_heads, S, head_dim] (compute dtype).
+    mask:          [B, S] bool, slot holds a real token (a key that may be attended to).
+    index:         [] int32, slots [0, index) are written; the next chunk is written at index.
+                   One index for all rows: prompts are left-padded to a common length.
+    next_position: [B] int32, RoPE position the next real token of each row gets
+                   (= number of real tokens seen so far).
+    """
+
+    k: tuple
+    v: tuple
+    mask: Array
+    index: Array
+    next_position: Array
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache with `max_len` slots; `dtype` defaults to the compute dtype."""
+    if max_len <= 0:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
+    shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+    return KVCache(k=zeros(), v=zeros(), mask=jnp.zeros((batch_size, max_len), bool),
+                   index=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------
+
+
+def positions_from_mask(mask: Array) -> Array:
+    """RoPE positions cumsum(mask) - 1 clipped at 0: left padding does not shift positions."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def last_token_index(mask: Array) -> Array:
+    """Index of the last real token of each row of `mask` [B, T] (T - 1 if the row is empty)."""
+    T = mask.shape[-1]
+    return (T - 1 - jnp.argmax(mask.astype(bool)[:, ::-1], axis=-1)).astype(jnp.int32)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """w_i = theta^(-2i/Dh), i < Dh/2, computed in float32 as HF does, optionally llama3-scaled."""
+    d = config.head_dim
+    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / d)))
+    inv = inv.astype(np.float32)
+    rs = config.rope_scaling
+    if rs is not None:
+        L = rs.original_max_position
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > L / rs.low_freq_factor, inv / rs.factor, inv)
+        smooth = (L / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= L / rs.high_freq_factor) & (wavelen <= L / rs.low_freq_factor)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate x [B, T, ..., Dh] by positions [B, T]: x cos + rotate_half(x) sin (HF convention)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    extra = x.ndim - 3  # head axes between T and Dh
+    cos = jnp.cos(emb).reshape(emb.shape[:2] + (1,) * extra + emb.shape[-1:])
+    sin = jnp.sin(emb).reshape(cos.shape)
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """y = scale * x / sqrt(mean(x^2) + eps); statistics in float32 (as HF)."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _dense(config: ModelConfig, features: int, use_bias: bool, name: Optional[str] = None) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=config.compute_dtype,
+                    param_dtype=config.storage_dtype,
+                    kernel_init=nn.initializers.normal(config.init_std), name=name)
+
+
+def _attend(q: Array, k: Array, v: Array, visible: Array) -> Array:
+    """Grouped-query attention.
+
+    q [B, Hkv, G, T, Dh], k/v [B, Hkv, S, Dh], visible [B, T, S] bool -> [B, Hkv, G, T, Dh].
+    Scores and softmax in float32. Hidden keys get the most negative finite float rather than
+    -inf, so a query that sees no key (a padded position) yields a uniform average, not NaN.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bhgtd,bhsd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgts,bhsd->bhgtd", probs, v)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with RoPE; optional write into a KV cache."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.q_proj = _dense(c, c.n_heads * c.head_dim, c.qkv_bias)
+        self.k_proj = _dense(c, c.n_kv_heads * c.head_dim, c.qkv_bias)
+        self.v_proj = _dense(c, c.n_kv_heads * c.head_dim, c.qkv_bias)
+        self.o_proj = _dense(c, c.d_model, False)
+
+    def __call__(self, x, positions, visible, layer_cache=None, index=None):
+        """x [B, T, D]; visible [B, T, S]. Without a cache S = T and keys are this chunk's.
+
+        With `layer_cache` = (k, v) [B, Hkv, S, Dh], the chunk's keys/values are written at slot
+        `index` first and the queries attend over all S slots. Returns (out, new layer_cache).
+        """
+        c = self.config
+        B, T, _ = x.shape
+        G = c.n_heads // c.n_kv_heads
+        inv_freq = rope_inv_freq(c)
+        q = self.q_proj(x).reshape(B, T, c.n_kv_heads, G, c.head_dim)
+        k = self.k_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
+        q = apply_rope(q, positions, inv_freq).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
+        k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)     # [B, Hkv, T, Dh]
+        v = v.transpose(0, 2, 1, 3)
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            start = (0, 0, index, 0)
+            ck = lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            cv = lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            layer_cache = (ck, cv)
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        out = _attend(q, k, v, visible)  # [B, Hkv, G, T, Dh]
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim)
+        return self.o_proj(out), layer_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.gate_proj = _dense(c, c.mlp_dim, False)
+        self.up_proj = _dense(c, c.mlp_dim, False)
+        self.down_proj = _dense(c, c.d_model, False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        norm = lambda: RMSNorm(c.rms_eps, c.compute_dtype, c.storage_dtype)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(c)
+
+    def __call__(self, x, positions, visible, layer_cache=None, index=None):
+        h, layer_cache = self.self_attn(self.input_layernorm(x), positions, visible, layer_cache, index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, layer_cache
+
+
+class Decoder(nn.Module):
+    """The trunk (HF `model.*`): embedding, layers, final norm. Returns normed hidden states."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype,
+                                     param_dtype=c.storage_dtype,
+                                     embedding_init=nn.initializers.normal(c.init_std))
+        self.layers = [DecoderLayer(c) for _ in range(c.n_layers)]  # named layers_0, layers_1, ...
+        self.norm = RMSNorm(c.rms_eps, c.compute_dtype, c.storage_dtype)
+
+    def __call__(self, tokens: Array, mask: Array) -> Array:
+        """Full causal forward. tokens, mask [B, T] -> hidden [B, T, D]."""
+        mask = mask.astype(bool)
+        T = tokens.shape[1]
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        visible = causal[None] & mask[:, None, :]
+        positions = positions_from_mask(mask)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x, _ = layer(x, positions, visible)
+        return self.norm(x)
+
+    def extend(self, tokens: Array, mask: Array, cache: KVCache):
+        """Append a chunk [B, T] to the cache; hidden [B, T, D] and the updated cache."""
+        mask = mask.astype(bool)
+        B, T = tokens.shape
+        S = cache.mask.shape[1]
+        if T > S:
+            raise ValueError(f"chunk of {T} tokens is longer than the KV cache ({S} slots)")
+        index = cache.index
+        positions = cache.next_position[:, None] + positions_from_mask(mask)
+        # positions_from_mask clips pads before the first real token at 0 (not -1), which only
+        # moves padded queries; real tokens get next_position + (their rank in the chunk).
+        slot_mask = lax.dynamic_update_slice(cache.mask, mask, (0, index))
+        q_slots = index + jnp.arange(T, dtype=jnp.int32)
+        visible = (jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slots[:, None])[None] & slot_mask[:, None, :]
+        x = self.embed_tokens(tokens)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, (ck, cv) = layer(x, positions, visible, (cache.k[i], cache.v[i]), index)
+            new_k.append(ck)
+            new_v.append(cv)
+        cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=slot_mask, index=index + T,
+                        next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32))
+        return self.norm(x), cache
+
+
+class Transformer(nn.Module):
+    """Decoder LM (HF `*ForCausalLM`). See the module docstring for methods and parameter names."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.model = Decoder(c)
+        if not c.tie_embeddings:
+            self.lm_head = LMHead(c)
+
+    def _logits(self, h: Array) -> Array:
+        """h [..., D] -> float32 logits [..., V]; matmul in compute dtype, f32 accumulation."""
+        c = self.config
+        if c.tie_embeddings:
+            w = self.model.embed_tokens.embedding.astype(c.compute_dtype)  # [V, D]
+            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+        return self.lm_head(h)
+
+    def __call__(self, tokens: Array, mask: Array) -> Array:
+        """tokens int32 [B, T], mask [B, T] -> logits [B, T, V] float32."""
+        return self._logits(self.model(tokens, mask))
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        """Empty cache with `max_len` slots (reads no parameters)."""
+        return init_cache(self.config, batch_size, max_len, dtype)
+
+    def extend(self, tokens: Array, mask: Array, cache: KVCache):
+        """Append tokens/mask [B, T] to the cache; (logits [B, T, V] f32, cache)."""
+        h, cache = self.model.extend(tokens, mask, cache)
+        return self._logits(h), cache
+
+    def prefill(self, tokens: Array, mask: Array, cache: KVCache):
+        """Run a (left-padded) prompt [B, P] through the cache.
+
+        Returns (logits [B, V] f32 at the last position -- the next-token distribution -- and the
+        cache). Only the last position goes through the LM head: [B, P, V] logits would be large
+        for big vocabularies and the sampler needs just the last row.
+        """
+        h, cache = self.model.extend(tokens, mask, cache)
+        return self._logits(h[:, -1]), cache
+
+    def decode(self, tokens: Array, cache: KVCache):
+        """One token per row, tokens [B] -> (logits [B, V] f32 for the next token, cache)."""
+        h, cache = self.model.extend(tokens[:, None], jnp.ones(tokens.shape + (1,), bool), cache)
+        return self._logits(h[:, 0]), cache
+
+
+class LMHead(nn.Module):
+    """Untied output projection, kernel [D, V]; logits accumulate (and are returned) in float32
+    because bf16 logits lose the small log-prob differences the DPO loss is built on."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        c = self.config
+        w = self.param("kernel", nn.initializers.normal(c.init_std), (c.d_model, c.vocab_size),
+                       c.storage_dtype)
+        return jnp.einsum("...d,dv->...v", h, w.astype(c.compute_dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class RewardModel(nn.Module):
+    """Scalar reward (HF `*ForSequenceClassification`, num_labels=1): the trunk plus `score`
+    (Linear D -> 1, no bias) read at the last non-pad token of each row.
+
+    apply({"params": p}, tokens, mask) -> [B] float32.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.model = Decoder(c)
+        self.score = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=c.storage_dtype,
+                              kernel_init=nn.initializers.normal(c.init_std))
+
+    def __call__(self, tokens: Array, mask: Array) -> Array:
+        h = self.model(tokens, mask)  # [B, T, D]
+        idx = last_token_index(mask)
+        h_last = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]  # [B, D]
+        return self.score(h_last)[:, 0].astype(jnp.float32)
+
+
+def init_params(config: ModelConfig, key: Array) -> dict:
+    """Random parameters of `Transformer(config)` (the "params" collection), HF-style init:
+    Linear and embedding weights ~ N(0, init_std^2), biases 0, RMSNorm scales 1."""
+    config.validate()
+    return _init(Transformer(config), key)
+
+
+def init_reward_params(config: ModelConfig, key: Array) -> dict:
+    """Random parameters of `RewardModel(config)`."""
+    config.validate()
+    return _init(RewardModel(config), key)
+
+
+def _init(module: nn.Module, key: Array) -> dict:
+    # Eager on purpose: each primitive compiles once per process and is then reused by every
+    # config, while a jitted init recompiles the whole program (seconds) per config. Wrap the
+    # call in jax.jit (static config) to init straight into sharded or donated buffers.
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return module.init(key, dummy, jnp.ones((1, 1), bool))["params"]

@@ -1,0 +1,141 @@
+"""XPOState: everything an online run carries from round to round, as one pytree.
+
+A flax `TrainState` (policy params, optimiser state, step) plus the reference parameters, the
+PRNG key, the round counter, the hyperparameters *as arrays* (so a sweep over them is a `vmap` of
+one compiled program), and an optional replay buffer of labelled pairs.
+
+Replay. Algorithm 1 of the XPO paper (arXiv 2405.21046) minimises over all of D_pref and D_opt
+gathered so far; TRL's XPOTrainer keeps nothing (each round trains on its fresh batch only).
+`replay_capacity = 0` is TRL's behaviour; > 0 keeps a ring buffer of the most recent labelled
+pairs (x, y, y~, y_wins) with their reference log-probs (pi_ref is frozen, so they never need
+recomputing) and adds a uniform draw of them to each update: the paper-faithful option, bounded.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+
+Array = jax.Array
+
+
+class Hyperparams(struct.PyTreeNode):
+    """Traced hyperparameters (float32 scalars, or [G] under a sweep's vmap).
+
+    alpha and beta follow linear schedules from their start to their end value over the run
+    (equal ends = constant); TRL's per-epoch lists have no traced equivalent and crash past the
+    list's end, a linear schedule does neither.
+    """
+
+    alpha: Array
+    alpha_end: Array
+    beta: Array
+    beta_end: Array
+    temperature: Array
+    lr_scale: Array
+    label_smoothing: Array
+
+    @classmethod
+    def create(cls, *, alpha, beta, temperature=1.0, lr_scale=1.0, label_smoothing=0.0, alpha_end=None, beta_end=None):
+        f = lambda x: jnp.asarray(x, jnp.float32)
+        return cls(
+            alpha=f(alpha),
+            alpha_end=f(alpha if alpha_end is None else alpha_end),
+            beta=f(beta),
+            beta_end=f(beta if beta_end is None else beta_end),
+            temperature=f(temperature),
+            lr_scale=f(lr_scale),
+            label_smoothing=f(label_smoothing),
+        )
+
+    def scheduled(self, round_idx: Array, num_rounds: int) -> tuple[Array, Array]:
+        """(alpha_t, beta_t) at round `round_idx` of `num_rounds` (linear, end value at the last)."""
+        frac = jnp.clip(round_idx.astype(jnp.float32) / max(num_rounds - 1, 1), 0.0, 1.0)
+        alpha = self.alpha + (self.alpha_end - self.alpha) * frac
+        beta = self.beta + (self.beta_end - self.beta) * frac
+        return alpha, beta
+
+
+class Replay(struct.PyTreeNode):
+    """Ring buffer of labelled pairs; `count` is how many were ever inserted."""
+
+    prompts: Array  # [C, P]
+    prompt_mask: Array  # [C, P]
+    y: Array  # [C, N]
+    y_mask: Array
+    yt: Array
+    yt_mask: Array
+    y_wins: Array  # [C] bool
+    valid: Array  # [C] float32 (0 for masked pairs)
+    ref_y: Array  # [C] log pi_ref(y|x)
+    ref_yt: Array  # [C] log pi_ref(y~|x)
+    count: Array  # int32 scalar
+
+    @classmethod
+    def empty(cls, capacity: int, prompt_len: int, response_len: int) -> "Replay":
+        zi = lambda *s: jnp.zeros(s, jnp.int32)
+        zf = lambda *s: jnp.zeros(s, jnp.float32)
+        C = capacity
+        return cls(
+            prompts=zi(C, prompt_len), prompt_mask=zi(C, prompt_len),
+            y=zi(C, response_len), y_mask=zi(C, response_len),
+            yt=zi(C, response_len), yt_mask=zi(C, response_len),
+            y_wins=jnp.zeros((C,), bool), valid=zf(C), ref_y=zf(C), ref_yt=zf(C),
+            count=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[-1]
+
+    def insert(self, **items) -> "Replay":
+        """Write a batch of B <= capacity pairs at the ring position (oldest overwritten)."""
+        B = items["valid"].shape[0]
+        idx = (self.count + jnp.arange(B)) % self.capacity
+        new = {k: getattr(self, k).at[idx].set(v.astype(getattr(self, k).dtype)) for k, v in items.items()}
+        return self.replace(count=self.count + B, **new)
+
+    def draw(self, key: Array, n: int) -> dict:
+        """n pairs uniformly (with replacement) from the filled part; valid = 0 while empty."""
+        filled = jnp.minimum(self.count, self.capacity)
+        idx = jax.random.randint(key, (n,), 0, jnp.maximum(filled, 1))
+        out = {k: getattr(self, k)[idx] for k in ("prompts", "prompt_mask", "y", "y_mask", "yt", "yt_mask", "y_wins", "ref_y", "ref_yt")}
+        out["valid"] = self.valid[idx] * (filled > 0)
+        return out
+
+
+class XPOState(train_state.TrainState):
+    """TrainState (step, apply_fn, params, tx, opt_state) + ref_params, rng, round, hparams, replay.
+
+    `rng` is a raw uint32 key (`jax.random.PRNGKey`), which checkpoints as a plain array.
+    """
+
+    ref_params: Any = None
+    rng: Array = None
+    round: Array = None
+    hparams: Hyperparams = None
+    replay: Optional[Replay] = None
+
+    @classmethod
+    def create_xpo(cls, *, apply_fn, params, ref_params, tx, rng, hparams: Hyperparams, replay: Optional[Replay] = None):
+        return cls.create(
+            apply_fn=apply_fn,
+            params=params,
+            tx=tx,
+            ref_params=ref_params,
+            rng=rng,
+            round=jnp.zeros((), jnp.int32),
+            hparams=hparams,
+            replay=replay,
+        )
+
+    def apply_scaled_gradients(self, grads) -> "XPOState":
+        """One optimiser step with the update scaled by hparams.lr_scale (traced: for Adam-type
+        optimisers, scaling the update is scaling the learning rate)."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        updates = jax.tree_util.tree_map(lambda u: u * self.hparams.lr_scale.astype(u.dtype), updates)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
