@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed runs per shape (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per shape (first compiles)")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--hf-threads", default="0,1",
+                   help="torch intra-op thread counts to time HF with (0 = torch's default); the "
+                        "speed-up is taken against the fastest")
     p.add_argument("--make-torch-venv", action="store_true",
                    help="create /tmp/trl-venv (torch 2.13.0 CPU + transformers) if it is missing")
     p.add_argument("--gpu", action="store_true", help="also run the accelerator part")
@@ -121,23 +124,29 @@ def hf_worker(spec_path):
     out["parity_max_abs_logit"] = float(np.abs(par["logits"][real]).max())
 
     P, N = spec["prompt_len"], spec["new_tokens"]
-    rng = np.random.default_rng(0)
+    default_threads = torch.get_num_threads()
     rows = []
-    for B in spec["batches"]:
-        prompts = torch.from_numpy(rng.integers(3, cfg.vocab_size, (B, P)).astype(np.int64))
-        attn = torch.ones_like(prompts)
+    for threads in spec["threads"]:
+        torch.set_num_threads(threads or default_threads)
+        rng = np.random.default_rng(0)
+        for B in spec["batches"]:
+            prompts = torch.from_numpy(rng.integers(3, cfg.vocab_size, (B, P)).astype(np.int64))
+            attn = torch.ones_like(prompts)
 
-        def run(i):
-            torch.manual_seed(i)
-            with torch.inference_mode():
-                return model.generate(input_ids=prompts, attention_mask=attn, max_new_tokens=N,
-                                      min_new_tokens=N, do_sample=True, temperature=1.0, top_k=0,
-                                      top_p=1.0, use_cache=True)
+            def run(i):
+                torch.manual_seed(i)
+                with torch.inference_mode():
+                    return model.generate(input_ids=prompts, attention_mask=attn, max_new_tokens=N,
+                                          min_new_tokens=N, do_sample=True, temperature=1.0, top_k=0,
+                                          top_p=1.0, use_cache=True)
 
-        med, times = _median_time(run, spec["warmup"], spec["repeats"], lambda x: x)
-        gen = run(0)
-        assert gen.shape == (B, P + N), gen.shape
-        rows.append({"batch": B, "median_s": med, "times_s": times, "tokens_per_s": B * N / med})
+            med, times = _median_time(run, spec["warmup"], spec["repeats"], lambda x: x)
+            gen = run(0)
+            assert gen.shape == (B, P + N), gen.shape
+            rows.append({"batch": B, "threads": torch.get_num_threads(), "median_s": med,
+                         "times_s": times, "tokens_per_s": B * N / med})
+            print(f"[hf] B={B} threads={torch.get_num_threads()}: {B * N / med:.0f} tok/s ({med:.3f} s)",
+                  flush=True)
     out["rows"] = rows
     with open(spec["out"], "w") as f:
         json.dump(out, f)
@@ -208,7 +217,7 @@ def run_hf(args, config, params, batches, tmp):
     spec = dict(hf_config=hf_config_kwargs(config), weights=os.path.join(tmp, "w.npz"),
                 parity=os.path.join(tmp, "parity.npz"), batches=batches, prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-                out=os.path.join(tmp, "hf.json"))
+                threads=[int(t) for t in args.hf_threads.split(",")], out=os.path.join(tmp, "hf.json"))
     with open(os.path.join(tmp, "spec.json"), "w") as f:
         json.dump(spec, f)
     py = torch_python(args.make_torch_venv)
@@ -303,6 +312,7 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     P, N = args.prompt_len, args.new_tokens
     result = dict(bench="bench_sampler", date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  load_avg_1min_start=os.getloadavg()[0],
                   machine=f"{platform.machine()}, {os.cpu_count()} cores, jax backend {backend}",
                   versions=dict(python=platform.python_version(), jax=jax.__version__,
                                 jaxlib=__import__("jaxlib").__version__, flax=__import__("flax").__version__,
@@ -320,13 +330,12 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="bench_sampler_") as tmp:
             hf = run_hf(args, config, params, batches, tmp)
         result["hf"] = hf
-        for row in hf["rows"]:
-            print(f"[hf] B={row['batch']}: {row['tokens_per_s']:.0f} tok/s ({row['median_s']:.3f} s)", flush=True)
         print(f"[parity] max |logit diff| vs HF on a padded batch: {hf['parity_max_abs_logit_diff']:.2e}")
     run_gpu = (args.gpu or backend in ("gpu", "tpu")) and not args.no_gpu
     if run_gpu:
         result["accelerator"] = gpu_part(args)
 
+    result["load_avg_1min_end"] = os.getloadavg()[0]
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "bench_sampler" + (f"_{args.tag}" if args.tag else ""))
     with open(stem + ".json", "w") as f:
@@ -339,22 +348,33 @@ def main(argv=None):
 def markdown(r):
     c = r["config"]
     lines = [f"# Sampler throughput ({r['date']})", "",
-             f"Machine: {r['machine']}. Model `{c['preset']}` float32, prompt {c['prompt_len']}, "
-             f"{c['new_tokens']} new tokens (min_new_tokens = {c['min_new_tokens']}, all full length), "
-             f"temperature 1; median of {c['repeats']} runs after {c['warmup']} warm-up.", ""]
-    hf = {row["batch"]: row for row in r.get("hf", {}).get("rows", [])}
-    lines += ["| batch | xpo_jax tok/s | xpo_jax decode step ms | HF generate tok/s | speed-up |",
-              "|---|---|---|---|---|"]
+             f"Machine: {r['machine']} (1-min load average {r['load_avg_1min_start']:.1f} at start, "
+             f"{r['load_avg_1min_end']:.1f} at end: other jobs share these cores). Model `{c['preset']}` "
+             f"float32, prompt {c['prompt_len']}, {c['new_tokens']} new tokens (min_new_tokens = "
+             f"{c['min_new_tokens']}, all full length), temperature 1; generated tokens/s = B*N / median "
+             f"of {c['repeats']} runs after {c['warmup']} warm-up.", ""]
+    hf_rows = r.get("hf", {}).get("rows", [])
+    threads = sorted({row["threads"] for row in hf_rows}, reverse=True)
+    head = "| batch | xpo_jax tok/s | xpo_jax decode step ms |"
+    head += "".join(f" HF generate tok/s ({t} thr) |" for t in threads)
+    head += " speed-up vs best HF |" if hf_rows else ""
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for row in r["xpo_jax"]:
-        h = hf.get(row["batch"])
-        lines.append(f"| {row['batch']} | {row['tokens_per_s']:.0f} | {row['decode_step_ms']:.2f} | "
-                     + (f"{h['tokens_per_s']:.0f} | {row['tokens_per_s'] / h['tokens_per_s']:.1f}x |" if h else "- | - |"))
+        line = f"| {row['batch']} | {row['tokens_per_s']:.0f} | {row['decode_step_ms']:.2f} |"
+        hs = [h for h in hf_rows if h["batch"] == row["batch"]]
+        for t in threads:
+            line += "".join(f" {h['tokens_per_s']:.0f} |" for h in hs if h["threads"] == t) or " - |"
+        if hs:
+            best = max(h["tokens_per_s"] for h in hs)
+            line += f" {row['tokens_per_s'] / best:.1f}x |"
+        lines.append(line)
     if "hf" in r:
         h = r["hf"]
-        lines += ["", f"HF peer: torch {h['torch']}, transformers {h['transformers']}, "
-                      f"{h['torch_threads']} threads, attention `{h['attn_implementation']}`, "
-                      f"`generate(do_sample=True, use_cache=True, min_new_tokens=N)`, same weights. "
-                      f"Parity: max |logit diff| {h['parity_max_abs_logit_diff']:.2e} on a padded batch "
+        lines += ["", f"HF peer: torch {h['torch']}, transformers {h['transformers']}, attention "
+                      f"`{h['attn_implementation']}`, Qwen2ForCausalLM with the same config and weights, "
+                      "`generate(do_sample=True, temperature=1, top_k=0, top_p=1, use_cache=True, "
+                      f"min_new_tokens=N)`. Parity check: max |logit diff| vs xpo_jax "
+                      f"{h['parity_max_abs_logit_diff']:.2e} on a left- and right-padded batch "
                       f"(max |logit| {h['parity_max_abs_logit']:.2f})."]
     if "accelerator" in r:
         a = r["accelerator"]

@@ -7,8 +7,8 @@ Each process sees its own CPU devices (XLA_FLAGS=--xla_force_host_platform_devic
 the parent), joins the others with `initialize_distributed` (gloo CPU collectives), builds a
 data x fsdp mesh over every process's devices, places the state, feeds only its own rows of each
 round's batch (`host_prompts` -> `jax.make_array_from_process_local_data`), runs the sharded
-round, and process 0 writes the gathered final parameters and the first round's sampled tokens to
-DIR/result.npz for the parent to compare with the single-process run.
+round, and process 0 writes the gathered final parameters and each round's loss and sampled reward
+to DIR/result.npz for the parent to compare with the single-process run.
 
 Also importable (without side effects) for `parallel_test_config()`, the shared tiny setup.
 """
@@ -79,19 +79,19 @@ def main(argv=None) -> int:
     print(f"[{args.process_id}] mesh {dict(mesh.shape)}, feeds rows {rows.start}:{rows.stop} of {cfg.batch_size}",
           flush=True)
     sharded = par.shard_round(run, mesh)
-    tokens = None
+    losses, rewards = [], []
     for r in range(cfg.rounds):
         prompts, mask = par.host_prompts(run, mesh, data_key, r)
-        if r == 0:
-            _, pairs = sharded.make_pairs(state, prompts, mask)
-            tokens = par.gather((pairs.y.tokens, pairs.yt.tokens))
         state, metrics = sharded.round_fn(state, prompts, mask)
+        m = par.gather(metrics)
+        losses.append(float(m["loss"]))
+        rewards.append(float(m["task/reward"]))
     params = par.gather(state.params)
-    loss = float(par.gather(metrics["loss"]))
+    loss = losses[-1]
     if jax.process_index() == 0:
         os.makedirs(args.out, exist_ok=True)
-        np.savez(os.path.join(args.out, "result.npz"), y=np.asarray(tokens[0]), yt=np.asarray(tokens[1]),
-                 loss=loss, **{"param:" + k: np.asarray(v) for k, v in flatten(params).items()})
+        np.savez(os.path.join(args.out, "result.npz"), loss=np.asarray(losses), reward=np.asarray(rewards),
+                 **{"param:" + k: np.asarray(v) for k, v in flatten(params).items()})
     print(f"[{args.process_id}] done in {time.perf_counter() - t0:.1f} s, last loss {loss:.6f}", flush=True)
     jax.distributed.shutdown()
     return 0

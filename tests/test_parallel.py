@@ -54,10 +54,10 @@ def setup():
 
 def _run_sharded(setup, mesh):
     """ROUNDS sharded rounds from state0; returns (final state, [(y, y~) tokens per round],
-    [states before each round])."""
+    [states before each round], [metrics per round])."""
     sharded = par.shard_round(setup["run"], mesh)
     state = par.shard_state(setup["state0"], mesh)
-    tokens, states = [], []
+    tokens, states, history = [], [], []
     for prompts, mask in setup["batches"]:
         p, m = par.shard_batch(mesh, prompts, mask)
         assert p.sharding == sharded.batch_sharding
@@ -65,15 +65,16 @@ def _run_sharded(setup, mesh):
         _, pairs = sharded.make_pairs(state, p, m)
         tokens.append((np.asarray(pairs.y.tokens), np.asarray(pairs.yt.tokens)))
         state, metrics = sharded.round_fn(state, p, m)
+        history.append(jax.device_get(metrics))
     assert np.isfinite(float(metrics["loss"]))
-    return state, tokens, states
+    return state, tokens, states, history
 
 
 @pytest.fixture(scope="module")
 def one_device(setup):
     mesh = par.make_mesh(1, 1, devices=jax.devices()[:1])
-    state, tokens, states = _run_sharded(setup, mesh)
-    return dict(mesh=mesh, state=state, tokens=tokens, states=states)
+    state, tokens, states, history = _run_sharded(setup, mesh)
+    return dict(mesh=mesh, state=state, tokens=tokens, states=states, history=history)
 
 
 # -- rules ------------------------------------------------------------------------------------
@@ -164,15 +165,27 @@ def test_one_device_moves(setup, one_device):
     assert int(one_device["state"].round) == ROUNDS
 
 
-@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2)])
-def test_sharded_round_matches_one_device(setup, one_device, data, fsdp):
-    state, tokens, _ = _run_sharded(setup, par.make_mesh(data, fsdp))
+def test_data_parallel_8_matches_one_device(setup, one_device):
+    state, tokens, _, _ = _run_sharded(setup, par.make_mesh(8, 1))
     for (y1, yt1), (y, yt) in zip(one_device["tokens"], tokens):
         np.testing.assert_array_equal(y, y1)
         np.testing.assert_array_equal(yt, yt1)
     assert max_diff(state.params, one_device["state"].params) <= PARAM_ATOL
     assert max_diff(state.opt_state, one_device["state"].opt_state) <= PARAM_ATOL
     np.testing.assert_array_equal(np.asarray(state.rng), np.asarray(one_device["state"].rng))
+
+
+def test_data_fsdp_4x2_samples_identical_tokens(setup, one_device):
+    """Sampling with FSDP-sharded weights and a batch over all 8 devices: the one-device tokens
+    (the 4x2 parameters after 2 rounds are checked through sharded_train below)."""
+    mesh = par.make_mesh(4, 2)
+    sharded = par.shard_round(setup["run"], mesh)
+    for (prompts, mask), before, (y1, yt1) in zip(setup["batches"], one_device["states"], one_device["tokens"]):
+        state = par.shard_state(jax.device_get(before), mesh)
+        _, pairs = sharded.make_pairs(state, *par.shard_batch(mesh, prompts, mask))
+        assert pairs.y.tokens.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+        np.testing.assert_array_equal(np.asarray(pairs.y.tokens), y1)
+        np.testing.assert_array_equal(np.asarray(pairs.yt.tokens), yt1)
 
 
 def test_sharded_train_4x2_matches_one_device(setup, one_device, tmp_path):
@@ -213,6 +226,7 @@ def test_pmap_update_on_identical_pairs(setup, one_device):
     for (prompts, mask), before in zip(setup["batches"], one_device["states"]):
         # The one-device run's own pairs: make_pairs is the first half of its fused round.
         _, pairs = sharded.make_pairs(before, *par.shard_batch(one_device["mesh"], prompts, mask))
+        pairs = jax.device_get(pairs)  # uncommitted: pmap places its arguments itself
         judgement = pm.oracle(pairs.judge_key, pairs.prompts, pairs.prompt_mask, pairs.y.tokens, pairs.y.mask,
                               pairs.yt.tokens, pairs.yt.mask)
         split_pairs = par.split_batch(pairs._replace(judge_key=None), n)._replace(
@@ -257,7 +271,8 @@ def _free_port() -> int:
 @pytest.mark.multiprocess
 def test_two_processes_match_single_process(one_device, tmp_path):
     """Two Python processes x 2 CPU devices, joined by jax.distributed (gloo), on a 2x2
-    data x fsdp mesh: each feeds only its half of the batch. Same tokens, same parameters."""
+    data x fsdp mesh: each feeds only its half of the batch. Same parameters, losses and sampled
+    rewards as one process (the 2x2 program samples the same tokens as the 4x2 one above)."""
     worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -285,9 +300,8 @@ def test_two_processes_match_single_process(one_device, tmp_path):
         assert p.returncode == 0, log[-4000:]
     assert "feeds rows 0:4 of 8" in logs[0] and "feeds rows 4:8 of 8" in logs[1]
     res = np.load(tmp_path / "result.npz")
-    y1, yt1 = one_device["tokens"][0]
-    np.testing.assert_array_equal(res["y"], y1)
-    np.testing.assert_array_equal(res["yt"], yt1)
+    np.testing.assert_allclose(res["loss"], [m["loss"] for m in one_device["history"]], rtol=1e-5)
+    np.testing.assert_array_equal(res["reward"], [m["task/reward"] for m in one_device["history"]])
     want = flatten(jax.device_get(one_device["state"].params))
     got = {k[len("param:"):]: res[k] for k in res.files if k.startswith("param:")}
     assert set(got) == set(want)

@@ -114,7 +114,7 @@ def test_shared_prefix_forward_equals_a_direct_forward(
 
 def test_exact_eval_against_itself(evaluate, ref_params, random_params):
     out = evaluate(ref_params, ref_params, 0.5)
-    assert set(out) == {"reward", "kl", "j_beta", "p_optimal"}
+    assert set(out) == {"reward", "kl", "j_beta", "p_optimal", "j_star"}
     assert abs(float(out["kl"])) < 1e-5
     np.testing.assert_allclose(out["j_beta"], out["reward"], atol=1e-5)
     other = evaluate(random_params, ref_params, 0.5)
@@ -158,7 +158,7 @@ def test_exact_eval_matches_monte_carlo_from_the_sampler(hard, apply_fn, ref_par
         return reward, out.logprobs.sum(1) - log_ref
 
     reward, log_ratio = (np.asarray(a, np.float64) for a in monte_carlo(jax.random.key(11)))
-    optimal = (reward >= 1.0).astype(np.float64)  # hard-explore: reward 1 iff optimal
+    optimal = (reward >= 4.0).astype(np.float64)  # hard-explore: reward 4 (all matched) iff optimal
     m = reward.size
     for name, x in (("reward", reward), ("kl", log_ratio), ("p_optimal", optimal)):
         se = max(x.std() / np.sqrt(m), 1e-4)
@@ -189,16 +189,16 @@ def test_exact_eval_is_fast_and_composes_with_jit_and_vmap(evaluate, ref_params,
 
 
 def test_hard_explore_reward_by_hand(hard):
-    # Reward = matched prefix of (reversed prompt, EOS), over 4.
+    # Reward = number of matched prefix tokens of (reversed prompt, EOS): 4 * (prefix / 4).
     k = 0
     t1, t2, t3 = (int(v) for v in hard.prompts[k][::-1])
     f = tasks.FILLER_ID
     cases = [
-        ([t1, t2, t3, EOS], [1, 1, 1, 1], 1.0),
-        ([t1, t2, t3, t3], [1, 1, 1, 1], 0.75),  # cut at the limit, no EOS
-        ([t1, t2, f, EOS], [1, 1, 1, 1], 0.5),
-        ([t1, f, t3, EOS], [1, 1, 1, 1], 0.25),  # prefix credit: t3 after a miss earns nothing
-        ([t1, EOS, PAD, PAD], [1, 1, 0, 0], 0.25),
+        ([t1, t2, t3, EOS], [1, 1, 1, 1], 4.0),
+        ([t1, t2, t3, t3], [1, 1, 1, 1], 3.0),  # cut at the limit, no EOS
+        ([t1, t2, f, EOS], [1, 1, 1, 1], 2.0),
+        ([t1, f, t3, EOS], [1, 1, 1, 1], 1.0),  # prefix credit: t3 after a miss earns nothing
+        ([t1, EOS, PAD, PAD], [1, 1, 0, 0], 1.0),
         ([f, t2, t3, EOS], [1, 1, 1, 1], 0.0),
         ([EOS, PAD, PAD, PAD], [1, 0, 0, 0], 0.0),
     ]
@@ -246,12 +246,12 @@ def test_hard_explore_reference_rarely_finds_the_optimum(
     logp = np.asarray(response_logprobs(ref_params))
     tokens, mask = hard.responses
     mediocre = [
-        np.exp(logp[k])[(r > 0) & (r < 1)].sum()
+        np.exp(logp[k])[(r > 0) & (r < 4)].sum()
         for k in range(hard.num_prompts)
         for r in [rewards_of(hard, k, tokens, mask)]
     ]
     assert np.mean(mediocre) > 0.5, mediocre
-    assert 0.1 < float(out["reward"]) < 0.5
+    assert 0.4 < float(out["reward"]) < 2.0  # of 4
 
 
 def test_make_reference_is_cached_and_deterministic(hard, ref_params):
@@ -350,3 +350,22 @@ def test_task_validation(changes, words):
     fields.update(changes)
     with pytest.raises(ValueError, match=words):
         tasks.Task(**fields)
+
+
+def test_j_star_is_the_kl_regularised_optimum(hard, ref_params, evaluate, response_logprobs):
+    """j_star = beta log E_ref exp(r/beta) = J_beta(pi*) with pi* ∝ pi_ref exp(r/beta), and no
+    policy beats it (here: the reference, and pi* itself computed in float64)."""
+    beta = 0.1
+    out = evaluate(ref_params, ref_params, beta)
+    logq = np.asarray(response_logprobs(ref_params), np.float64)
+    tokens, mask = hard.responses
+    j_pi_star = []
+    for k in range(hard.num_prompts):
+        r = rewards_of(hard, k, tokens, mask).astype(np.float64)
+        logits = logq[k] + r / beta
+        pstar = np.exp(logits - logits.max())
+        pstar /= pstar.sum()
+        kl = np.sum(pstar * (np.log(pstar + 1e-300) - logq[k]))
+        j_pi_star.append(np.sum(pstar * r) - beta * kl)
+    np.testing.assert_allclose(out["j_star"], np.mean(j_pi_star), rtol=1e-4)
+    assert float(out["j_beta"]) < float(out["j_star"])

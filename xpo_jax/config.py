@@ -21,17 +21,17 @@ class TrainConfig:
     name: str = "xpo"  # run name: output goes to <run_dir>/<name>/
     run_dir: str = "runs"  # parent folder of runs
     task: str = "hard-explore"  # built-in task (xpo_jax.tasks.TASKS)
-    rounds: int = 150  # online rounds (sample, judge, update)
+    rounds: int = 200  # online rounds (sample, judge, update)
     seed: int = 0  # seeds the policy's sampling, the oracle and the replay draws
     reference_seed: int = 0  # seeds the reference policy's fine-tune
     # -- algorithm ------------------------------------------------------------------------
-    alpha: float = 0.05  # XPO exploration coefficient (0 = online DPO)
+    alpha: float = 0.01  # XPO exploration coefficient (0 = online DPO)
     alpha_end: Optional[float] = None  # linear schedule to this value at the last round
     beta: float = 0.1  # KL strength of the DPO loss
     beta_end: Optional[float] = None  # linear schedule to this value at the last round
     loss_type: str = "sigmoid"  # DPO-family loss (xpo_jax.losses.LOSS_TYPES)
     label_smoothing: float = 0.0  # for sigmoid / robust / exo_pair / aot_pair
-    bonus_clip: Optional[float] = None  # clip log pi/pi_ref(y~) to +-this in the bonus
+    bonus_clip: Optional[float] = 1.0  # clip log pi/pi_ref(y~) to +-this in the bonus (None = off, TRL)
     exploration_policy: str = "ref"  # y~ from "ref" (XPO Alg. 1) or "policy" (pi~ = pi_t)
     # -- sampling -------------------------------------------------------------------------
     batch_size: int = 32  # prompts per round
@@ -40,11 +40,11 @@ class TrainConfig:
     top_p: float = 1.0  # 1 = off
     max_new_tokens: Optional[int] = None  # default: the task's
     # -- oracle ---------------------------------------------------------------------------
-    bradley_terry: bool = False  # sample the preference from sigmoid(r(y) - r(y~))
+    bradley_terry: bool = True  # sample the preference from sigmoid(r(y) - r(y~)) (false: r(y) >= r(y~), TRL)
     missing_eos_penalty: Optional[float] = None  # subtracted from scores of responses without EOS
     mask_identical: bool = False  # drop pairs whose two responses are identical
     # -- optimiser ------------------------------------------------------------------------
-    learning_rate: float = 3e-3  # AdamW peak learning rate
+    learning_rate: float = 3e-4  # AdamW peak learning rate
     lr_scale: float = 1.0  # traced multiplier of the learning rate (for sweeps)
     warmup_rounds: int = 0  # linear warm-up, in optimiser steps
     weight_decay: float = 0.0

@@ -12,9 +12,9 @@ under the model itself, which is what the DPO/XPO losses and a full forward see.
 
 Shapes are fixed (cache of P + N - 1 slots, outputs [B, N]); the decode loop is a
 `lax.while_loop` that stops early once every row has emitted EOS. Rows that finished emit
-`pad_id` with mask 0. Randomness: step t uses `fold_in(key, t)` for one draw of [B] uniforms, so
-every row gets independent noise from the single key (and, with JAX's
-partitionable threefry, the same noise whether or not the batch is sharded).
+`pad_id` with mask 0. Randomness: one [N, B] array of uniforms is drawn from `key` before the
+loop and step t uses row t, so every row gets independent noise from the single key (and, with
+JAX's partitionable threefry, the same noise whether or not the batch is sharded).
 
 Static vs traced. `max_new_tokens`, `eos_id`, `pad_id`, `min_new_tokens` fix shapes or are
 baked into the loop, so they are static Python ints. `temperature`, `top_k`, `top_p` are traced
@@ -88,9 +88,19 @@ def filter_logits(logits: Array, top_k: Array, top_p: Array) -> Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def categorical_inverse_cdf(key: Array, logits: Array) -> Array:
-    """One draw per row from softmax(logits) [B, V] by inversion: with c_i = sum_{j<=i} e^{l_j - m}
-    and u ~ U[0, 1), return the first i with c_i > u c_V (and e^{l_i - m} > 0).
+def _first_true(mask: Array) -> Array:
+    """Index of the first True along the last axis, or the axis length if none.
+
+    A min-reduction over `where(mask, iota, n)`: on CPU several times faster than `argmax`,
+    which XLA lowers to a two-operand (value, index) reduction."""
+    n = mask.shape[-1]
+    iota = lax.broadcasted_iota(jnp.int32, mask.shape, mask.ndim - 1)
+    return jnp.min(jnp.where(mask, iota, n), axis=-1)
+
+
+def categorical_inverse_cdf(u: Array, logits: Array) -> Array:
+    """One draw per row from softmax(logits) [B, V] by inversion, given u [B] ~ U[0, 1):
+    with c_i = sum_{j<=i} e^{l_j - m}, return the first i with c_i > u c_V (and e^{l_i - m} > 0).
 
     Exact in real arithmetic, like Gumbel-max (`jax.random.categorical`), but it needs one random
     number per row instead of one per vocabulary entry: on CPU the [B, V] threefry bits and the
@@ -102,31 +112,31 @@ def categorical_inverse_cdf(key: Array, logits: Array) -> Array:
     V = logits.shape[-1]
     p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised; -inf -> 0
     cdf = jnp.cumsum(p, axis=-1)
-    u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
     possible = p > 0
-    hit = (cdf > u) & possible
-    first = jnp.argmax(hit, axis=-1)
-    # u * c_V can round up to c_V itself; then take the last possible token.
-    last = V - 1 - jnp.argmax(possible[..., ::-1], axis=-1)
-    return jnp.where(jnp.any(hit, axis=-1), first, last).astype(jnp.int32)
+    first = _first_true((cdf > u[:, None] * cdf[:, -1:]) & possible)
+    # u * c_V can round up to c_V itself (no hit); then take the last possible token.
+    last = V - 1 - _first_true(possible[:, ::-1])
+    return jnp.where(first < V, first, last).astype(jnp.int32)
 
 
-def choose_tokens(key: Array, logits: Array, step: Array, temperature: Array, top_k: Array,
+def choose_tokens(u: Array, logits: Array, step: Array, temperature: Array, top_k: Array,
                   top_p: Array, *, eos_id: int, min_new_tokens: int):
-    """One sampling step. logits [B, V] f32 -> (tokens [B] int32, logprobs [B] f32 at T = 1)."""
+    """One sampling step. u [B] uniforms, logits [B, V] f32 -> (tokens [B] int32, their
+    log-probs [B] f32 under the unprocessed logits, i.e. at temperature 1)."""
+    V = logits.shape[-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     if min_new_tokens > 0:
-        forbid = (step < min_new_tokens) & (jnp.arange(logits.shape[-1]) == eos_id)
+        forbid = (step < min_new_tokens) & (jnp.arange(V) == eos_id)
         logits = jnp.where(forbid[None, :], -jnp.inf, logits)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = _first_true(logits == jnp.max(logits, axis=-1, keepdims=True))  # = argmax
     t = temperature[:, None]
     scaled = logits / jnp.where(t > 0, t, 1.0)  # no division by zero; T = 0 rows use `greedy`
     # The sort behind top-k/top-p costs O(V log V) per step; skip it when every row has both off.
     # (Under vmap over these hyperparameters the cond becomes a select and both sides run.)
     needs_filter = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)
     scaled = lax.cond(needs_filter, lambda x: filter_logits(x, top_k, top_p), lambda x: x, scaled)
-    sampled = categorical_inverse_cdf(key, scaled)
-    tokens = jnp.where(temperature > 0, sampled, greedy)
+    sampled = categorical_inverse_cdf(u, scaled)
+    tokens = jnp.where(temperature > 0, sampled, jnp.minimum(greedy, V - 1)).astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
@@ -156,9 +166,14 @@ def _sample_jit(apply_fn, params, prompts, prompt_mask, key, temperature, top_k,
     cache = apply_fn(variables, B, P + N - 1, method="init_cache")
     logits, cache = apply_fn(variables, prompts, prompt_mask, cache, method="prefill")
 
+    # All the randomness, drawn once: one uniform per row and step. Keeping the PRNG out of the
+    # loop body saves its (on CPU, loop-implemented) threefry rounds at every step.
+    uniforms = jax.random.uniform(key, (N, B), jnp.float32)
+
     def choose(step, logits, done):
-        tok, lp = choose_tokens(jax.random.fold_in(key, step), logits, step, temperature, top_k,
-                                top_p, eos_id=eos_id, min_new_tokens=min_new_tokens)
+        u = lax.dynamic_index_in_dim(uniforms, step, axis=0, keepdims=False)
+        tok, lp = choose_tokens(u, logits, step, temperature, top_k, top_p, eos_id=eos_id,
+                                min_new_tokens=min_new_tokens)
         live = ~done
         tok = jnp.where(live, tok, pad_id)
         lp = jnp.where(live, lp, 0.0)

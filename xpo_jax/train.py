@@ -29,7 +29,7 @@ from xpo_jax.tasks import Task, get_task
 
 Array = jax.Array
 
-EVAL_KEYS = ("eval/reward", "eval/kl", "eval/j_beta", "eval/p_optimal")
+EVAL_KEYS = ("eval/reward", "eval/kl", "eval/j_beta", "eval/p_optimal", "eval/j_star")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -79,7 +79,7 @@ class Run:
 
     def exact_eval(self, params: Any, beta: Array) -> dict:
         out = self.task.exact_eval(self.apply_fn, params, self.ref_params, beta)
-        return {f"eval/{k}": out[k] for k in ("reward", "kl", "j_beta", "p_optimal")}
+        return {f"eval/{k}": out[k] for k in ("reward", "kl", "j_beta", "p_optimal", "j_star")}
 
 
 def build_run(cfg: TrainConfig) -> Run:
@@ -285,6 +285,7 @@ class Trainer:
                 "reference_reward": first["eval/reward"], "final_reward": last["eval/reward"],
                 "final_kl": last["eval/kl"], "reference_p_optimal": first["eval/p_optimal"],
                 "final_p_optimal": last["eval/p_optimal"], "best_j_beta": max(r["eval/j_beta"] for r in evals),
+                "optimal_j_beta": last["eval/j_star"],
             })
         train_rows = [r for r in rows if "loss" in r]
         if train_rows:
@@ -322,6 +323,7 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
         axes[0].plot(x, [r["eval/j_beta"] for r in ev], "o-", label="exact J_beta")
         axes[0].plot(x, [r["eval/reward"] for r in ev], "s--", label="exact E[r]")
         axes[0].axhline(ev[0]["eval/j_beta"], color="grey", lw=0.8, ls=":", label="reference J_beta")
+        axes[0].plot(x, [r["eval/j_star"] for r in ev], color="k", lw=0.8, ls="--", label="optimal J_beta")
         axes[2].plot(x, [r["eval/p_optimal"] for r in ev], "o-", label="P(optimal response)")
         axes[2].set_yscale("log")
     if tr:

@@ -151,7 +151,7 @@ def _sliding_window(hf_config: dict, family: str) -> Optional[int]:
     if family == "mistral":
         return hf_config.get("sliding_window")
     if family == "qwen2" and hf_config.get("use_sliding_window") and hf_config.get("sliding_window"):
-        n_layers = hf_config["num_hidden_layers"]
+        n_layers = hf_config.get("num_hidden_layers") or 0
         layer_types = hf_config.get("layer_types")
         if layer_types is None:  # transformers' rule: layers from max_window_layers on slide
             sliding = hf_config.get("max_window_layers", 28) < n_layers
