@@ -24,7 +24,8 @@ TASK_NAME = "parallel-test"
 
 def parallel_test_config(**overrides):
     """The tiny run of the parallel tests: hard-explore's model and prompts, a randomly
-    initialised reference (reference_steps=0: no fine-tune to compile), batch 8, 2 rounds."""
+    initialised reference (reference_steps=0: no fine-tune to compile), batch 8, 2 rounds, the
+    deterministic oracle (r(y) >= r(y~); sampling is the only randomness), lr 3e-3."""
     import dataclasses
 
     from xpo_jax.config import TrainConfig
@@ -32,8 +33,17 @@ def parallel_test_config(**overrides):
 
     if TASK_NAME not in TASKS:
         register_task(dataclasses.replace(get_task("hard-explore"), name=TASK_NAME, reference_steps=0))
-    kw = dict(task=TASK_NAME, batch_size=8, rounds=2, eval_every=0, checkpoint_every=0, progress=False,
-              tensorboard=False)
+    # Every option that shapes the math is pinned here, so retuned TrainConfig defaults never
+    # change what the parallel tests compare (nor make the parent and the workers disagree).
+    kw = dict(
+        task=TASK_NAME, batch_size=8, rounds=2, seed=0, reference_seed=0, eval_every=0, checkpoint_every=0,
+        progress=False, tensorboard=False,
+        alpha=0.05, alpha_end=None, beta=0.1, beta_end=None, loss_type="sigmoid", label_smoothing=0.0,
+        bonus_clip=None, exploration_policy="ref", temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=None,
+        bradley_terry=False, missing_eos_penalty=None, mask_identical=False,
+        learning_rate=3e-3, lr_scale=1.0, warmup_rounds=0, weight_decay=0.0, max_grad_norm=1.0,
+        updates_per_round=1, micro_batches=1, replay_capacity=0, replay_batch_size=0,
+    )
     kw.update(overrides)
     return TrainConfig(**kw)
 

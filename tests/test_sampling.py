@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xpo_jax.models import Transformer, get_config, init_params
-from xpo_jax.sampling import Completions, _sample_jit, filter_logits, make_step_fns, sample
+from xpo_jax.sampling import (Completions, _sample_jit, categorical_inverse_cdf, filter_logits,
+                              make_step_fns, sample)
 
 ATOL = 1e-5
 CONFIG = get_config("test", init_std=0.3)  # logits far from uniform
@@ -102,6 +103,34 @@ def test_filter_logits_matches_reference_per_row():
         want = _np_filtered_probs(logits[b], 1.0, top_k[b], top_p[b]) > 0
         np.testing.assert_array_equal(np.isfinite(out[b]), want, err_msg=f"row {b}")
         np.testing.assert_array_equal(out[b][want], logits[b][want])
+
+
+def test_inverse_cdf_sampler_distribution_and_edges():
+    """The two-level inverse-CDF draw: chi-square against softmax on a vocabulary that is not a
+    multiple of the chunk, with -inf (filtered) entries that must never be drawn; u = 0 gives the
+    first possible token and u -> 1 the last."""
+    from scipy import stats
+    rng = np.random.default_rng(2)
+    V_, rows = 300, 20000
+    logits = rng.normal(size=V_).astype(np.float32) * 1.5
+    logits[rng.choice(V_, 120, replace=False)] = -np.inf
+    logits[:5] = -np.inf
+    logits[-3:] = -np.inf
+    draw = jax.jit(lambda u, l: categorical_inverse_cdf(u, l, chunk=64))
+    u = jax.random.uniform(jax.random.key(0), (rows,))
+    toks = np.asarray(draw(u, jnp.broadcast_to(jnp.asarray(logits), (rows, V_))))
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    counts = np.bincount(toks, minlength=V_)
+    assert counts[p == 0].sum() == 0
+    big = p * rows >= 5
+    obs = np.append(counts[big], counts[~big & (p > 0)].sum())
+    exp = np.append(p[big] * rows, p[~big & (p > 0)].sum() * rows)
+    assert stats.chisquare(obs, exp).pvalue >= P_VALUE_MIN
+    possible = np.flatnonzero(p > 0)
+    edges = np.asarray(draw(jnp.array([0.0, np.nextafter(np.float32(1), np.float32(0))]),
+                            jnp.broadcast_to(jnp.asarray(logits), (2, V_))))
+    assert edges[0] == possible[0] and edges[1] == possible[-1]
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [
@@ -205,6 +234,12 @@ def test_eos_handling(setup):
             np.testing.assert_array_equal(np.asarray(out.tokens)[b, :L], ref_tokens[b, :L])
             np.testing.assert_allclose(np.asarray(out.logprobs)[b, :L], np.asarray(ref.logprobs)[b, :L],
                                        atol=ATOL)
+    # pad_id == eos_id (Qwen's default): same rows, same lengths; the mask tells EOS from padding.
+    same = _sample(setup, key=11, eos_id=eos, pad_id=eos)
+    _check_invariants(same, eos=eos, pad=eos)
+    np.testing.assert_array_equal(same.lengths, out.lengths)
+    np.testing.assert_array_equal(np.asarray(same.tokens)[np.asarray(out.mask) == 1],
+                                  np.asarray(out.tokens)[np.asarray(out.mask) == 1])
     # min_new_tokens: EOS cannot come before 4 tokens.
     out4 = _sample(setup, key=11, eos_id=eos, pad_id=pad, min_new_tokens=4)
     _check_invariants(out4, eos=eos, pad=pad)

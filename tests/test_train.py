@@ -87,17 +87,17 @@ def test_resume_rejects_a_different_config(run, tmp_path):
 def test_nan_stops_and_keeps_last_good_checkpoint(run, tmp_path):
     cfg = dataclasses.replace(CFG, run_dir=str(tmp_path), name="n", eval_every=0, checkpoint_every=2)
     t = Trainer(cfg, run=run)
-    real_round = t._round
+    real_step = t._step
     calls = []
 
-    def poisoned(state, data_key):
-        state, m = real_round(state, data_key)
+    def poisoned(state):
+        state, m = real_step(state)
         calls.append(1)
         if len(calls) == 3:
             m = dict(m, loss=m["loss"] * float("nan"))
         return state, m
 
-    t._round = poisoned
+    t._step = poisoned
     ck = tmp_path / "n" / "checkpoints"
     with pytest.raises(NonFiniteLoss, match=r"round 3: loss=nan.*last good checkpoint \(round 2\)"):
         t.run()

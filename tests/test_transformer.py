@@ -295,12 +295,12 @@ def test_rope_frequencies_and_llama3_scaling():
 
 def test_rope_is_relative():
     """q.k after RoPE depends only on the position difference."""
-    from xpo_jax.models.transformer import apply_rope
-    c = get_config("test")
-    inv = rope_inv_freq(c)
+    from xpo_jax.models.transformer import apply_rope, rope_tables
+    inv = rope_inv_freq(get_config("test"))
     rng = np.random.default_rng(8)
     q = jnp.asarray(rng.normal(size=(1, 1, 8)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(1, 1, 8)), jnp.float32)
-    dot = lambda i, j: float(jnp.sum(apply_rope(q, jnp.array([[i]]), inv) * apply_rope(k, jnp.array([[j]]), inv)))  # noqa: E731
+    rot = lambda x, i: apply_rope(x, *rope_tables(jnp.array([[i]]), inv))  # noqa: E731
+    dot = lambda i, j: float(jnp.sum(rot(q, i) * rot(k, j)))  # noqa: E731
     assert dot(3, 1) == pytest.approx(dot(12, 10), abs=1e-5)
     assert dot(3, 1) != pytest.approx(dot(3, 2), abs=1e-3)

@@ -24,6 +24,13 @@ class TrainConfig:
     rounds: int = 200  # online rounds (sample, judge, update)
     seed: int = 0  # seeds the policy's sampling, the oracle and the replay draws
     reference_seed: int = 0  # seeds the reference policy's fine-tune
+    # -- real models (instead of --task) ----------------------------------------------------
+    policy: Optional[str] = None  # HF checkpoint dir (Llama/Qwen2/Mistral): policy and reference
+    reward_model: Optional[str] = None  # HF *ForSequenceClassification dir: the judge
+    prompts: Optional[str] = None  # JSONL/Parquet prompt file(s) (comma-separated)
+    max_prompt_length: int = 256  # prompts are left-padded/truncated to this many tokens
+    truncation: str = "left"  # over-long prompts: "left" (keep the end) or "drop"
+    fuse_judge: Optional[bool] = None  # judge inside the round (None: when the vocabularies match)
     # -- algorithm ------------------------------------------------------------------------
     alpha: float = 0.01  # XPO exploration coefficient (0 = online DPO)
     alpha_end: Optional[float] = None  # linear schedule to this value at the last round
@@ -104,6 +111,19 @@ class TrainConfig:
             bad("micro_batches", f"must divide --replay-batch-size={self.replay_batch_size}")
         if not self.name or "/" in self.name:
             bad("name", "must be a non-empty name without '/'")
+        if self.replay_capacity and self.replay_capacity < self.batch_size:
+            bad("replay_capacity", f"must be 0 or >= --batch-size={self.batch_size} (a round inserts a batch)")
+        if self.policy is not None:
+            for f in ("reward_model", "prompts"):
+                if getattr(self, f) is None:
+                    bad(f, "is required with --policy")
+            if self.max_prompt_length < 1:
+                bad("max_prompt_length", "must be >= 1")
+            if self.truncation not in ("left", "drop"):
+                bad("truncation", "expected 'left' or 'drop'")
+            return self
+        if self.reward_model is not None or self.prompts is not None:
+            bad("policy", "is required with --reward-model / --prompts")
         from xpo_jax.tasks import TASKS  # late: tasks imports the model
 
         if self.task not in TASKS:

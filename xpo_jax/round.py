@@ -87,6 +87,7 @@ def make_round(
     true_reward_fn: Optional[Callable] = None,
     lr_schedule: Optional[Callable] = None,
     axis_name: Optional[str] = None,
+    min_new_tokens: int = 0,
 ) -> RoundFns:
     """Build the round's pure functions for `cfg` (static choices) and a Transformer `apply_fn`.
 
@@ -99,6 +100,7 @@ def make_round(
     axis; gradients are then summed across it and divided by the global pair weight, and metrics
     averaged, so every replica applies the same update as one device would on the whole batch.
     (Under `jit` with sharded arrays leave it None: XLA inserts the collectives.)
+    `min_new_tokens` forbids EOS before that many tokens (benchmarks: every response full length).
     """
     N = max_new_tokens
     logits_fn = completion_logits_fn(apply_fn, N)
@@ -121,7 +123,7 @@ def make_round(
         rng, k_y, k_yt, k_judge = jax.random.split(state.rng, 4)
         opts = dict(
             max_new_tokens=N, temperature=state.hparams.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            eos_id=eos_id, pad_id=pad_id,
+            eos_id=eos_id, pad_id=pad_id, min_new_tokens=min_new_tokens,
         )
         y = sample(apply_fn, state.params, prompts, prompt_mask, k_y, **opts)
         explorer = state.ref_params if cfg.exploration_policy == "ref" else state.params

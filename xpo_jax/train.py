@@ -77,13 +77,34 @@ class Run:
         prompts, mask = self.task.sample_prompts(jax.random.fold_in(data_key, state.round), self.cfg.batch_size)
         return self.fns.round_fn(state, prompts, mask)
 
+    # -- the host loop's interface (also implemented by xpo_jax.hf_train.HFRun) ------------
+
+    has_exact_eval = True
+
+    def make_host_step(self, key: Array) -> Callable:
+        """state -> (state, metrics): one jitted program per round, the state donated."""
+        step = jax.jit(self.round_with_prompts, donate_argnums=0)
+        data_key = self.data_key(key)
+        return lambda state: step(state, data_key)
+
+    def data_position(self) -> dict:
+        return {}  # prompts are a function of state.round
+
+    def restore_data_position(self, position: dict) -> None:
+        pass
+
     def exact_eval(self, params: Any, beta: Array) -> dict:
         out = self.task.exact_eval(self.apply_fn, params, self.ref_params, beta)
         return {f"eval/{k}": out[k] for k in ("reward", "kl", "j_beta", "p_optimal", "j_star")}
 
 
-def build_run(cfg: TrainConfig) -> Run:
+def build_run(cfg: TrainConfig):
+    """The Run for a config: a built-in task, or (with --policy) HF checkpoints and a prompt file."""
     cfg.validate()
+    if cfg.policy is not None:
+        from xpo_jax.hf_train import build_hf_run
+
+        return build_hf_run(cfg)
     task = get_task(cfg.task)
     n = cfg.max_new_tokens or task.max_new_tokens
     if n > task.max_new_tokens:
@@ -150,8 +171,8 @@ class Trainer:
         self.out = os.path.join(cfg.run_dir, cfg.name)
         self.run_ = run or build_run(cfg)
         self._stop_signal: Optional[int] = None
-        self._round = jax.jit(self.run_.round_with_prompts, donate_argnums=0)
-        self._eval = jax.jit(self.run_.exact_eval)
+        self._step = self.run_.make_host_step(jax.random.PRNGKey(cfg.seed))
+        self._eval = jax.jit(self.run_.exact_eval) if self.run_.has_exact_eval else None
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -163,7 +184,8 @@ class Trainer:
         return {k: float(v) for k, v in jax.device_get(self._eval(state.params, beta)).items()}
 
     def _should_eval(self, r: int) -> bool:
-        return bool(self.cfg.eval_every) and (r % self.cfg.eval_every == 0 or r == self.cfg.rounds)
+        every = self.cfg.eval_every if self._eval is not None else 0
+        return bool(every) and (r % every == 0 or r == self.cfg.rounds)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -177,12 +199,12 @@ class Trainer:
         ckpt = Checkpointer(os.path.join(self.out, "checkpoints"), keep=cfg.keep_checkpoints)
         key = jax.random.PRNGKey(cfg.seed)
         state = run.init_state(key, run.hparams())
-        data_key = run.data_key(key)
         start = 0
         if cfg.resume and ckpt.latest_round() is not None:
             state, saved_cfg, data = ckpt.restore(state)
             self._check_resumable(saved_cfg)
             start = int(data["round"])
+            run.restore_data_position(data)
             print(f"resumed from {ckpt.directory}/{start} (round {start} of {cfg.rounds})", flush=True)
         elif os.path.exists(os.path.join(self.out, "metrics.jsonl")) and not cfg.resume:
             os.remove(os.path.join(self.out, "metrics.jsonl"))
@@ -193,7 +215,7 @@ class Trainer:
         log = open(os.path.join(self.out, "metrics.jsonl"), "a")
         bar = self._progress(start)
         old_handler = signal.signal(signal.SIGTERM, self._on_signal)
-        if start == 0 and cfg.eval_every:
+        if start == 0 and self._eval is not None and cfg.eval_every:
             ref_eval = self._evaluate(state, 0)
             self._write(log, writer, {"round": 0, **ref_eval})
         last_saved = start
@@ -201,7 +223,7 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             for r in range(start + 1, end + 1):
-                state, metrics = self._round(state, data_key)
+                state, metrics = self._step(state)
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
                     raise NonFiniteLoss(
@@ -221,7 +243,7 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
                 due = cfg.checkpoint_every and r % cfg.checkpoint_every == 0
                 if due or r == end or self._stop_signal is not None:
-                    ckpt.save(r, state, cfg.to_dict(), {"round": r})
+                    ckpt.save(r, state, cfg.to_dict(), {"round": r, **run.data_position()})
                     last_saved = r
                 if self._stop_signal is not None:
                     print(f"\nsignal {self._stop_signal}: saved round {r} to {ckpt.directory}; exiting", flush=True)
@@ -277,7 +299,8 @@ class Trainer:
     def _summarise(self, last_round: int) -> dict:
         rows = read_metrics(os.path.join(self.out, "metrics.jsonl"))
         evals = [r for r in rows if "eval/j_beta" in r]
-        summary = {"name": self.cfg.name, "task": self.cfg.task, "rounds": last_round}
+        what = {"task": self.cfg.task} if self.cfg.policy is None else {"policy": self.cfg.policy, "reward_model": self.cfg.reward_model}
+        summary = {"name": self.cfg.name, **what, "rounds": last_round}
         if evals:
             first, last = evals[0], evals[-1]
             summary.update({
@@ -289,6 +312,8 @@ class Trainer:
             })
         train_rows = [r for r in rows if "loss" in r]
         if train_rows:
+            summary["final_model_scores"] = train_rows[-1]["objective/model_scores"]
+            summary["final_kl_estimate"] = train_rows[-1]["objective/kl"]
             summary["seconds"] = train_rows[-1]["time/elapsed_s"]
             summary["seconds_per_round"] = summary["seconds"] / max(len(train_rows), 1)
         with open(os.path.join(self.out, "summary.json"), "w") as f:
@@ -299,7 +324,7 @@ class Trainer:
         with open(os.path.join(self.out, "summary.md"), "w") as f:
             f.write("\n".join(table) + "\n")
         print("\n".join(table))
-        plot_curves(rows, os.path.join(self.out, "curve.png"), title=f"{self.cfg.name} on {self.cfg.task}")
+        plot_curves(rows, os.path.join(self.out, "curve.png"), title=f"{self.cfg.name} on {what}")
         return summary
 
 

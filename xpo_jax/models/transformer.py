@@ -268,17 +268,22 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-    """Rotate x [B, T, ..., Dh] by positions [B, T]: x cos + rotate_half(x) sin (HF convention)."""
+def rope_tables(positions: Array, inv_freq: np.ndarray):
+    """cos, sin [B, T, Dh] float32 for positions [B, T]: angle p * w_i, each half repeated (HF)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, ..., Dh] -> x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1] (HF convention);
+    cos/sin [B, T, Dh] from `rope_tables`. Computed in float32."""
     extra = x.ndim - 3  # head axes between T and Dh
-    cos = jnp.cos(emb).reshape(emb.shape[:2] + (1,) * extra + emb.shape[-1:])
-    sin = jnp.sin(emb).reshape(cos.shape)
+    shape = cos.shape[:2] + (1,) * extra + cos.shape[-1:]
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    return (xf * cos.reshape(shape) + rotated * sin.reshape(shape)).astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -328,8 +333,9 @@ class Attention(nn.Module):
         self.v_proj = _dense(c, c.n_kv_heads * c.head_dim, c.qkv_bias)
         self.o_proj = _dense(c, c.d_model, False)
 
-    def __call__(self, x, positions, visible, layer_cache=None, index=None):
-        """x [B, T, D]; visible [B, T, S]. Without a cache S = T and keys are this chunk's.
+    def __call__(self, x, rope, visible, layer_cache=None, index=None):
+        """x [B, T, D]; rope = (cos, sin) [B, T, Dh]; visible [B, T, S]. Without a cache S = T
+        and the keys are this chunk's.
 
         With `layer_cache` = (k, v) [B, Hkv, S, Dh], the chunk's keys/values are written at slot
         `index` first and the queries attend over all S slots. Returns (out, new layer_cache).
@@ -337,12 +343,11 @@ class Attention(nn.Module):
         c = self.config
         B, T, _ = x.shape
         G = c.n_heads // c.n_kv_heads
-        inv_freq = rope_inv_freq(c)
         q = self.q_proj(x).reshape(B, T, c.n_kv_heads, G, c.head_dim)
         k = self.k_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
-        q = apply_rope(q, positions, inv_freq).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
-        k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)     # [B, Hkv, T, Dh]
+        q = apply_rope(q, *rope).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
+        k = apply_rope(k, *rope).transpose(0, 2, 1, 3)     # [B, Hkv, T, Dh]
         v = v.transpose(0, 2, 1, 3)
         if layer_cache is not None:
             ck, cv = layer_cache
@@ -382,8 +387,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = norm()
         self.mlp = MLP(c)
 
-    def __call__(self, x, positions, visible, layer_cache=None, index=None):
-        h, layer_cache = self.self_attn(self.input_layernorm(x), positions, visible, layer_cache, index)
+    def __call__(self, x, rope, visible, layer_cache=None, index=None):
+        h, layer_cache = self.self_attn(self.input_layernorm(x), rope, visible, layer_cache, index)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, layer_cache
@@ -408,10 +413,10 @@ class Decoder(nn.Module):
         T = tokens.shape[1]
         causal = jnp.tril(jnp.ones((T, T), bool))
         visible = causal[None] & mask[:, None, :]
-        positions = positions_from_mask(mask)
+        rope = rope_tables(positions_from_mask(mask), rope_inv_freq(self.config))
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x, _ = layer(x, positions, visible)
+            x, _ = layer(x, rope, visible)
         return self.norm(x)
 
     def extend(self, tokens: Array, mask: Array, cache: KVCache):
@@ -428,15 +433,31 @@ class Decoder(nn.Module):
         slot_mask = lax.dynamic_update_slice(cache.mask, mask, (0, index))
         q_slots = index + jnp.arange(T, dtype=jnp.int32)
         visible = (jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slots[:, None])[None] & slot_mask[:, None, :]
+        rope = rope_tables(positions, rope_inv_freq(self.config))
         x = self.embed_tokens(tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, (ck, cv) = layer(x, positions, visible, (cache.k[i], cache.v[i]), index)
+            x, (ck, cv) = layer(x, rope, visible, (cache.k[i], cache.v[i]), index)
             new_k.append(ck)
             new_v.append(cv)
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=slot_mask, index=index + T,
                         next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32))
         return self.norm(x), cache
+
+
+class LMHead(nn.Module):
+    """Untied output projection, kernel [D, V]; logits accumulate (and are returned) in float32
+    because bf16 logits lose the small log-prob differences the DPO loss is built on."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        c = self.config
+        w = self.param("kernel", nn.initializers.normal(c.init_std), (c.d_model, c.vocab_size),
+                       c.storage_dtype)
+        return jnp.einsum("...d,dv->...v", h, w.astype(c.compute_dtype),
+                          preferred_element_type=jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -485,21 +506,6 @@ class Transformer(nn.Module):
         """One token per row, tokens [B] -> (logits [B, V] f32 for the next token, cache)."""
         h, cache = self.model.extend(tokens[:, None], jnp.ones(tokens.shape + (1,), bool), cache)
         return self._logits(h[:, 0]), cache
-
-
-class LMHead(nn.Module):
-    """Untied output projection, kernel [D, V]; logits accumulate (and are returned) in float32
-    because bf16 logits lose the small log-prob differences the DPO loss is built on."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, h: Array) -> Array:
-        c = self.config
-        w = self.param("kernel", nn.initializers.normal(c.init_std), (c.d_model, c.vocab_size),
-                       c.storage_dtype)
-        return jnp.einsum("...d,dv->...v", h, w.astype(c.compute_dtype),
-                          preferred_element_type=jnp.float32)
 
 
 class RewardModel(nn.Module):
