@@ -261,6 +261,9 @@ def test_pmap_round_greedy_matches_one_device(setup, one_device):
 
 # -- two real processes -----------------------------------------------------------------------
 
+TWO_PROCESS_TEST = "test_two_processes_match_single_process"
+TWO_PROCESS_TIMEOUT_S = 300
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -268,11 +271,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.multiprocess
-def test_two_processes_match_single_process(one_device, tmp_path):
-    """Two Python processes x 2 CPU devices, joined by jax.distributed (gloo), on a 2x2
-    data x fsdp mesh: each feeds only its half of the batch. Same parameters, losses and sampled
-    rewards as one process (the 2x2 program samples the same tokens as the 4x2 one above)."""
+@pytest.fixture(scope="module", autouse=True)
+def two_process_run(request, tmp_path_factory):
+    """Start the two worker processes when this module starts (they compile while the tests
+    above run in this process), and kill them at the end whatever happened."""
+    if not any(item.name == TWO_PROCESS_TEST for item in request.session.items):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("two_process")
     worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -281,25 +287,38 @@ def test_two_processes_match_single_process(one_device, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, worker, "--coordinator", f"localhost:{port}", "--num-processes", "2",
-             "--process-id", str(i), "--out", str(tmp_path), "--data", "2", "--fsdp", "2", "--rounds", str(ROUNDS)],
+             "--process-id", str(i), "--out", str(out), "--data", "2", "--fsdp", "2", "--rounds", str(ROUNDS)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
     ]
-    deadline = time.monotonic() + 240
+    run = dict(procs=procs, out=out, deadline=time.monotonic() + TWO_PROCESS_TIMEOUT_S)
+    yield run
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_single_process(one_device, two_process_run):
+    """Two Python processes x 2 CPU devices, joined by jax.distributed (gloo), on a 2x2
+    data x fsdp mesh: each feeds only its half of the batch. Same parameters, losses and sampled
+    rewards as one process (the 2x2 program samples the same tokens as the 4x2 one above)."""
+    procs, deadline = two_process_run["procs"], two_process_run["deadline"]
     logs = []
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            logs.append(out)
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail("multi-process run timed out:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
+        pytest.fail(f"multi-process run exceeded {TWO_PROCESS_TIMEOUT_S} s:\n"
+                    + "\n".join(p.communicate()[0][-3000:] for p in procs))
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
     assert "feeds rows 0:4 of 8" in logs[0] and "feeds rows 4:8 of 8" in logs[1]
-    res = np.load(tmp_path / "result.npz")
+    res = np.load(two_process_run["out"] / "result.npz")
     np.testing.assert_allclose(res["loss"], [m["loss"] for m in one_device["history"]], rtol=1e-5)
     np.testing.assert_array_equal(res["reward"], [m["task/reward"] for m in one_device["history"]])
     want = flatten(jax.device_get(one_device["state"].params))

@@ -119,7 +119,7 @@ def test_inverse_cdf_sampler_distribution_and_edges():
     draw = jax.jit(lambda u, l: categorical_inverse_cdf(u, l, chunk=64))
     u = jax.random.uniform(jax.random.key(0), (rows,))
     toks = np.asarray(draw(u, jnp.broadcast_to(jnp.asarray(logits), (rows, V_))))
-    p = np.exp(logits - logits.max())
+    p = np.exp(logits.astype(np.float64) - logits.max())
     p /= p.sum()
     counts = np.bincount(toks, minlength=V_)
     assert counts[p == 0].sum() == 0

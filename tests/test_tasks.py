@@ -369,3 +369,25 @@ def test_j_star_is_the_kl_regularised_optimum(hard, ref_params, evaluate, respon
         j_pi_star.append(np.sum(pstar * r) - beta * kl)
     np.testing.assert_allclose(out["j_star"], np.mean(j_pi_star), rtol=1e-4)
     assert float(out["j_beta"]) < float(out["j_star"])
+
+
+def test_resolve_task_from_module_attribute(tmp_path, monkeypatch):
+    (tmp_path / "my_xpo_tasks.py").write_text(
+        "import jax.numpy as jnp, numpy as np\n"
+        "from xpo_jax.tasks import Task\n"
+        "def reward(p, pm, r, rm):\n"
+        "    return (r[:, 0] == p[:, -1]).astype(jnp.float32)\n"
+        "def make():\n"
+        "    return Task(name='echo-first-test', vocab_size=6, eos_id=1, pad_id=0, prompts=np.array([[2], [3]]),\n"
+        "                prompt_mask=np.ones((2, 1)), max_new_tokens=2, reward_fn=reward)\n"
+        "not_a_task = 3\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    task = tasks.resolve_task("my_xpo_tasks:make")
+    assert task.name == "echo-first-test" and tasks.get_task("echo-first-test") is task
+    with pytest.raises(ValueError, match="is a int, expected a Task"):
+        tasks.resolve_task("my_xpo_tasks:not_a_task")
+    with pytest.raises(ValueError, match="cannot import 'nope'"):
+        tasks.resolve_task("my_xpo_tasks:nope")
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        tasks.resolve_task("nope")

@@ -20,7 +20,7 @@ class TrainConfig:
     # -- run ------------------------------------------------------------------------------
     name: str = "xpo"  # run name: output goes to <run_dir>/<name>/
     run_dir: str = "runs"  # parent folder of runs
-    task: str = "hard-explore"  # built-in task (xpo_jax.tasks.TASKS)
+    task: str = "hard-explore"  # built-in task (xpo_jax.tasks.TASKS) or "module:attribute"
     rounds: int = 200  # online rounds (sample, judge, update)
     seed: int = 0  # seeds the policy's sampling, the oracle and the replay draws
     reference_seed: int = 0  # seeds the reference policy's fine-tune
@@ -124,10 +124,12 @@ class TrainConfig:
             return self
         if self.reward_model is not None or self.prompts is not None:
             bad("policy", "is required with --reward-model / --prompts")
-        from xpo_jax.tasks import TASKS  # late: tasks imports the model
+        from xpo_jax.tasks import TASKS, resolve_task  # late: tasks imports the model
 
-        if self.task not in TASKS:
-            bad("task", f"expected one of {', '.join(sorted(TASKS))}")
+        try:
+            resolve_task(self.task)
+        except ValueError as e:
+            bad("task", f"expected one of {', '.join(sorted(TASKS))} or module:attribute ({e})")
         return self
 
     def to_dict(self) -> dict:

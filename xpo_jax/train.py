@@ -25,7 +25,7 @@ from xpo_jax.models.transformer import Transformer
 from xpo_jax.oracles import reward_fn_oracle
 from xpo_jax.round import RoundFns, make_optimizer, make_round
 from xpo_jax.state import Hyperparams, Replay, XPOState
-from xpo_jax.tasks import Task, get_task
+from xpo_jax.tasks import Task, resolve_task
 
 Array = jax.Array
 
@@ -105,7 +105,7 @@ def build_run(cfg: TrainConfig):
         from xpo_jax.hf_train import build_hf_run
 
         return build_hf_run(cfg)
-    task = get_task(cfg.task)
+    task = resolve_task(cfg.task)
     n = cfg.max_new_tokens or task.max_new_tokens
     if n > task.max_new_tokens:
         raise ValueError(f"--max-new-tokens={n} exceeds task {task.name!r}'s limit {task.max_new_tokens}")
@@ -324,7 +324,7 @@ class Trainer:
         with open(os.path.join(self.out, "summary.md"), "w") as f:
             f.write("\n".join(table) + "\n")
         print("\n".join(table))
-        plot_curves(rows, os.path.join(self.out, "curve.png"), title=f"{self.cfg.name} on {what}")
+        plot_curves(rows, os.path.join(self.out, "curve.png"), title=f"{self.cfg.name} on {self.cfg.task if self.cfg.policy is None else os.path.basename(self.cfg.policy.rstrip('/'))}")
         return summary
 
 
