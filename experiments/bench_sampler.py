@@ -63,13 +63,21 @@ def parse_args(argv=None):
     p.add_argument("--gpu", action="store_true", help="also run the accelerator part")
     p.add_argument("--no-gpu", action="store_true", help="never run the accelerator part")
     p.add_argument("--gpu-preset", default="qwen2-0.5b")
-    p.add_argument("--gpu-batches", default="1,8,32")
+    p.add_argument("--gpu-batches", default="1,16")
     p.add_argument("--gpu-prompt-len", type=int, default=128)
     p.add_argument("--gpu-new-tokens", type=int, default=128)
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def _median_time(fn, warmup, repeats, sync):
@@ -212,7 +220,9 @@ def run_hf(args, config, params, batches, tmp):
     mask[1, -4:] = 0  # right-padded response
     mask[2, :3] = 0
     mask[2, -2:] = 0
-    logits = np.asarray(jax.jit(Transformer(config).apply)({"params": params}, tokens, mask))
+    cpu = jax.devices("cpu")[0]
+    logits = np.asarray(jax.jit(Transformer(config).apply)({"params": jax.device_put(params, cpu)},
+                                                            jax.device_put(tokens, cpu), jax.device_put(mask, cpu)))
     np.savez(os.path.join(tmp, "parity.npz"), tokens=tokens, mask=mask, logits=logits)
     spec = dict(hf_config=hf_config_kwargs(config), weights=os.path.join(tmp, "w.npz"),
                 parity=os.path.join(tmp, "parity.npz"), batches=batches, prompt_len=args.prompt_len,
@@ -233,8 +243,8 @@ def run_hf(args, config, params, batches, tmp):
 # ------------------------------------------------------------------------------------------
 
 
-def time_sampler(config, params, B, P, N, warmup, repeats, seed=0):
-    """(median seconds for N tokens, for 1 token, all N-token times) at batch B."""
+def time_sampler(config, params, B, P, N, warmup, repeats, device, seed=0):
+    """(median seconds for N tokens, for 1 token, all N-token times) at batch B on `device`."""
     import jax
     import numpy as np
 
@@ -242,8 +252,12 @@ def time_sampler(config, params, B, P, N, warmup, repeats, seed=0):
     from xpo_jax.sampling import sample
 
     model = Transformer(config)
-    prompts = jax.device_put(np.random.default_rng(seed).integers(3, config.vocab_size, (B, P)).astype(np.int32))
-    mask = jax.device_put(np.ones((B, P), np.int32))
+    # Committed inputs pin the computation to `device` (the CPU part stays on the CPU even on a
+    # machine whose default backend is a GPU).
+    params = jax.device_put(params, device)
+    prompts = jax.device_put(np.random.default_rng(seed).integers(3, config.vocab_size, (B, P)).astype(np.int32),
+                             device)
+    mask = jax.device_put(np.ones((B, P), np.int32), device)
 
     def run(n):
         return lambda i: sample(model.apply, params, prompts, mask, jax.random.key(i), max_new_tokens=n,
@@ -280,7 +294,7 @@ def gpu_part(args):
     P, N = args.gpu_prompt_len, args.gpu_new_tokens
     rows = []
     for B in [int(b) for b in args.gpu_batches.split(",")]:
-        med, med1, times = time_sampler(config, params, B, P, N, args.warmup, args.repeats)
+        med, med1, times = time_sampler(config, params, B, P, N, args.warmup, args.repeats, jax.devices()[0])
         S = P + N - 1
         kv_bytes = 2 * config.n_layers * B * config.n_kv_heads * S * config.head_dim * 2  # bf16
         step = (med - med1) / (N - 1)
@@ -308,12 +322,14 @@ def main(argv=None):
 
     backend = jax.default_backend()
     config = get_config(args.preset, dtype="float32", param_dtype="float32")
-    params = init_params(config, jax.random.key(0))
+    with jax.default_device(jax.devices("cpu")[0]):
+        params = init_params(config, jax.random.key(0))
     batches = [int(b) for b in args.batches.split(",")]
     P, N = args.prompt_len, args.new_tokens
     result = dict(bench="bench_sampler", date=datetime.datetime.now().isoformat(timespec="seconds"),
                   load_avg_1min_start=os.getloadavg()[0],
-                  machine=f"{platform.machine()}, {os.cpu_count()} cores, jax backend {backend}",
+                  machine=(f"{platform.machine()} {_cpu_model()}, {os.cpu_count()} cores; xpo_jax CPU rows on "
+                           f"the JAX CPU device (default backend: {backend})"),
                   versions=dict(python=platform.python_version(), jax=jax.__version__,
                                 jaxlib=__import__("jaxlib").__version__, flax=__import__("flax").__version__,
                                 numpy=np.__version__),
@@ -321,7 +337,8 @@ def main(argv=None):
                               temperature=1.0, dtype="float32", repeats=args.repeats, warmup=args.warmup))
     ours = []
     for B in batches:
-        med, med1, times = time_sampler(config, params, B, P, N, args.warmup, args.repeats)
+        med, med1, times = time_sampler(config, params, B, P, N, args.warmup, args.repeats,
+                                        jax.devices("cpu")[0])
         ours.append(dict(batch=B, median_s=med, times_s=times, tokens_per_s=B * N / med,
                          decode_step_ms=1e3 * (med - med1) / (N - 1), prefill_plus_1_s=med1))
         print(f"[xpo_jax] B={B}: {B * N / med:.0f} tok/s ({med:.3f} s)", flush=True)

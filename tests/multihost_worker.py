@@ -6,9 +6,11 @@
 Each process sees its own CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=K set by
 the parent), joins the others with `initialize_distributed` (gloo CPU collectives), builds a
 data x fsdp mesh over every process's devices, places the state, feeds only its own rows of each
-round's batch (`host_prompts` -> `jax.make_array_from_process_local_data`), runs the sharded
-round, and process 0 writes the gathered final parameters and each round's loss and sampled reward
-to DIR/result.npz for the parent to compare with the single-process run.
+round's batch (`host_prompts` -> `jax.make_array_from_process_local_data`), runs the library's
+sharded host loop (`train_sharded`: the sharded round, then an orbax checkpoint that both
+processes write into DIR/run/checkpoints), and process 0 writes the gathered final parameters and
+each round's loss and sampled reward to DIR/result.npz for the parent to compare with the
+single-process run.
 
 Also importable (without side effects) for `parallel_test_config()`, the shared tiny setup.
 """
@@ -79,28 +81,20 @@ def main(argv=None) -> int:
     from xpo_jax import parallel as par
     from xpo_jax.train import build_run
 
-    cfg = parallel_test_config(rounds=args.rounds)
+    cfg = parallel_test_config(rounds=args.rounds, checkpoint_every=0)
     run = build_run(cfg)
     mesh = par.make_mesh(args.data, args.fsdp)
-    key = jax.random.PRNGKey(cfg.seed)
-    data_key = run.data_key(key)
-    state = par.shard_state(run.init_state(key, run.hparams()), mesh)
     rows = par.host_batch_slice(mesh, cfg.batch_size)
     print(f"[{args.process_id}] mesh {dict(mesh.shape)}, feeds rows {rows.start}:{rows.stop} of {cfg.batch_size}",
           flush=True)
-    sharded = par.shard_round(run, mesh)
-    losses, rewards = [], []
-    for r in range(cfg.rounds):
-        prompts, mask = par.host_prompts(run, mesh, data_key, r)
-        state, metrics = sharded.round_fn(state, prompts, mask)
-        m = par.gather(metrics)
-        losses.append(float(m["loss"]))
-        rewards.append(float(m["task/reward"]))
+    # The library's host loop on the mesh; out_dir: every process takes part in the orbax
+    # checkpoint written after the last round (the parent restores it on one device).
+    state, history = par.train_sharded(cfg, mesh, run, out_dir=os.path.join(args.out, "run"), verbose=False)
     params = par.gather(state.params)
-    loss = losses[-1]
+    loss = history[-1]["loss"]
     if jax.process_index() == 0:
-        os.makedirs(args.out, exist_ok=True)
-        np.savez(os.path.join(args.out, "result.npz"), loss=np.asarray(losses), reward=np.asarray(rewards),
+        np.savez(os.path.join(args.out, "result.npz"), loss=np.asarray([m["loss"] for m in history]),
+                 reward=np.asarray([m["task/reward"] for m in history]),
                  **{"param:" + k: np.asarray(v) for k, v in flatten(params).items()})
     print(f"[{args.process_id}] done in {time.perf_counter() - t0:.1f} s, last loss {loss:.6f}", flush=True)
     jax.distributed.shutdown()

@@ -12,7 +12,10 @@ from xpo_jax.config import TrainConfig
 from xpo_jax.round import make_optimizer
 from xpo_jax.train import build_run
 
-CFG = TrainConfig(rounds=6, batch_size=8, eval_every=3, alpha=0.05, beta=0.2, learning_rate=1e-3, progress=False, tensorboard=False)
+# Unclipped bonus and a deterministic judge (TRL's settings) so the hand computation below is
+# the plain Algorithm-1 formula.
+CFG = TrainConfig(rounds=6, batch_size=8, eval_every=3, alpha=0.05, beta=0.2, learning_rate=1e-3, progress=False,
+                  tensorboard=False, bonus_clip=None, bradley_terry=False)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +135,7 @@ def test_fused_round_is_make_pairs_then_oracle_then_update(run, jitted):
     # A host-side judge: here the same reward, computed with numpy on fetched arrays.
     from xpo_jax.oracles import reward_fn_oracle
 
-    oracle = reward_fn_oracle(run.task.reward_fn, eos_id=run.task.eos_id)
+    oracle = reward_fn_oracle(run.task.reward_fn, eos_id=run.task.eos_id, bradley_terry=CFG.bradley_terry)
     j = jax.jit(oracle)(pairs.judge_key, pairs.prompts, pairs.prompt_mask, pairs.y.tokens, pairs.y.mask, pairs.yt.tokens, pairs.yt.mask)
     j = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), j)
     split, ms = jitted["update"](st, pairs, j)
@@ -162,7 +165,8 @@ def test_micro_batches_and_multiple_updates(run):
     (a, ma), (b, mb) = outs
     assert int(a.step) == 2 and int(a.round) == 1
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+        # Adam's step is ~lr * g / |g|: near-zero gradient entries amplify summation-order noise.
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=5e-3 * CFG.learning_rate)
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
 
 

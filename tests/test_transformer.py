@@ -11,7 +11,6 @@ from xpo_jax.models import (
     PRESETS,
     Decoder,
     KVCache,
-    ModelConfig,
     RewardModel,
     Transformer,
     get_config,
@@ -158,6 +157,16 @@ def test_forward_shapes_dtype_finite(model):
     logits = model.forward(tokens, mask)
     assert logits.shape == (3, 7, 64) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_hidden_then_head_equals_forward(qwen_model):
+    m = qwen_model
+    tokens, mask = _batch(np.random.default_rng(9), 2, 6, 64, [2, 0])
+    v = {"params": m.params}
+    h = m.module.apply(v, tokens, mask, method="hidden")
+    assert h.shape == (2, 6, m.config.d_model)
+    logits = m.module.apply(v, h, method="head")
+    np.testing.assert_allclose(logits, m.forward(tokens, mask), atol=ATOL)
 
 
 def test_cached_decode_matches_full_forward_every_step(model):

@@ -469,3 +469,141 @@ def gather(tree: Any) -> Any:
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The host loop on a mesh (one host or many) and `python -m xpo_jax.parallel`
+# ----------------------------------------------------------------------------------------------
+
+
+def train_sharded(cfg: Any, mesh: Mesh, run: Any = None, *, out_dir: Optional[str] = None,
+                  min_size: int = FSDP_MIN_SIZE, verbose: bool = True) -> tuple[Any, list]:
+    """Online rounds on `mesh` from Python, the same program in every process.
+
+    Each round every process draws the round's prompts and feeds only its rows (`host_prompts`);
+    the round is `shard_round`'s (state donated). With `out_dir`, process 0 writes
+    metrics.jsonl and config.json there, and every process takes part in orbax checkpoints
+    (out_dir/checkpoints, every cfg.checkpoint_every rounds and at the end; with several hosts
+    it must be a directory all of them see, e.g. a GCS bucket); `cfg.resume` restores the latest
+    one onto this mesh, whatever mesh saved it. Exact evaluation (built-in tasks) every
+    cfg.eval_every rounds and after the last. Returns (final sharded state, per-round metric dicts (floats, every process))."""
+    import json
+    import math as _math
+
+    from xpo_jax.train import build_run
+
+    if getattr(cfg, "policy", None) is not None and run is None:
+        raise ValueError("train_sharded: --policy (Hugging Face) runs are not wired to a mesh yet; built-in tasks only")
+    run = run or build_run(cfg)
+    lead = jax.process_index() == 0
+    key = jax.random.PRNGKey(cfg.seed)
+    data_key = run.data_key(key)
+    sharded = shard_round(run, mesh, min_size=min_size, donate=True)
+    state, start, ckpt, log = None, 0, None, None
+    if out_dir is not None:
+        from xpo_jax.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+        if cfg.resume and ckpt.latest_round() is not None:
+            state, saved, pos = ckpt.restore(abstract_state(run, mesh, min_size=min_size))
+            _check_resumable(saved, cfg.to_dict())
+            start = int(pos["round"])
+        if lead:  # epath: local folders and gs:// buckets alike (orbax's own path type)
+            from etils import epath
+
+            out = epath.Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(cfg.to_json())
+            log = (out / "metrics.jsonl").open("a" if start else "w")
+    if state is None:
+        state = shard_state(run.init_state(key, run.hparams()), mesh, min_size)
+    if verbose and lead:
+        rows = host_batch_slice(mesh, cfg.batch_size)
+        print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices in {jax.process_count()} process(es); "
+              f"process 0 feeds rows {rows.start}:{rows.stop} of {cfg.batch_size}; rounds {start + 1}..{cfg.rounds}",
+              flush=True)
+    history = []
+    try:
+        for r in range(start, cfg.rounds):
+            state, metrics = sharded.round_fn(state, *host_prompts(run, mesh, data_key, r))
+            m = {k: float(v) for k, v in gather(metrics).items()}
+            if not _math.isfinite(m["loss"]):
+                raise FloatingPointError(f"round {r + 1}: loss {m['loss']}; stopping (nothing saved for it)")
+            m["round"] = r + 1
+            due = cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds)
+            if due and getattr(run, "has_exact_eval", True) and hasattr(run, "exact_eval"):
+                _, beta = state.hparams.scheduled(state.round - 1, cfg.rounds)
+                with jax.set_mesh(mesh):
+                    m.update({k: float(v) for k, v in gather(jax.jit(run.exact_eval)(state.params, beta)).items()})
+            history.append(m)
+            if log is not None:
+                log.write(json.dumps(m) + "\n")
+                log.flush()
+            if verbose and lead and (r + 1 == cfg.rounds or (r + 1) % max(1, cfg.rounds // 10) == 0):
+                shown = {k: m[k] for k in ("loss", "task/reward", "objective/kl", "eval/j_beta") if k in m}
+                print(f"round {r + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
+            due = cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0
+            if ckpt is not None and (due or r + 1 == cfg.rounds):
+                ckpt.save(r + 1, state, cfg.to_dict(), {"round": r + 1})
+    finally:
+        if log is not None:
+            log.close()
+        if ckpt is not None:
+            ckpt.close()
+    return state, history
+
+
+_RESUME_MAY_DIFFER = {"rounds", "resume", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every"}
+
+
+def _check_resumable(saved: dict, now: dict) -> None:
+    """Resuming with other algorithm settings would silently mix two runs (as the Trainer)."""
+    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in _RESUME_MAY_DIFFER and saved.get(k) != v}
+    if diff:
+        raise ValueError(f"resume with a config that differs from the checkpoint's: {diff}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m xpo_jax.parallel [--data D] [--fsdp F] [--coordinator-address H:P --num-processes N
+    --process-id I] [every train flag]`: online training on a device mesh, on one host or many
+    (run the same command on every host; on a Cloud TPU pod no distributed flags are needed)."""
+    import argparse
+    import sys
+
+    from xpo_jax.config import TrainConfig, add_config_flags, config_from_args
+
+    ap = argparse.ArgumentParser(prog="python -m xpo_jax.parallel", description=main.__doc__)
+    ap.add_argument("--data", type=int, default=None, help="data-parallel size (default: devices / fsdp)")
+    ap.add_argument("--fsdp", type=int, default=1, help="FSDP size: large weights split over this many devices")
+    ap.add_argument("--distributed", action="store_true",
+                    help="join a multi-process run (initialize_distributed; implied by the three flags below)")
+    ap.add_argument("--coordinator-address", default=None, help="host:port of process 0 ($JAX_COORDINATOR_ADDRESS)")
+    ap.add_argument("--num-processes", type=int, default=None, help="$JAX_NUM_PROCESSES")
+    ap.add_argument("--process-id", type=int, default=None, help="$JAX_PROCESS_ID")
+    add_config_flags(ap)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.distributed or any(v is not None for v in (args.coordinator_address, args.num_processes, args.process_id)):
+        info = initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        print(f"process {info['process_index']} of {info['process_count']}: {info['local_device_count']} local "
+              f"of {info['device_count']} {info['platform']} devices", flush=True)
+    cfg = config_from_args(args, base=TrainConfig(name="sharded"))
+    try:
+        cfg.validate()
+        mesh = make_mesh(args.data, args.fsdp)
+    except ValueError as e:
+        print(f"python -m xpo_jax.parallel: error: {e}", file=sys.stderr)
+        return 2
+    out = os.path.join(cfg.run_dir, cfg.name)
+    _, history = train_sharded(cfg, mesh, out_dir=out)
+    if jax.process_index() == 0:
+        last = history[-1] if history else {}
+        if "eval/j_beta" in last:
+            print(f"exact J_beta {last['eval/j_beta']:.4f}, P(optimal) {last['eval/p_optimal']:.4f}")
+        print(f"wrote {out}/ (metrics.jsonl, config.json, checkpoints/)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -38,6 +38,13 @@ Parameter tree (the "params" collection) and the mechanical map from HF Llama / 
 
 i.e. split the HF name on ".", join "layers" and its index as "layers_{i}", rename the leaf
 (`weight` -> `kernel` (transposed) for Linear, `scale` for RMSNorm, `embedding` for the embedding).
+experiments/bench_sampler.py applies this map to load our weights into HF `Qwen2ForCausalLM` and
+compares logits on a left- and right-padded batch (float32: max |difference| ~1e-6).
+
+Precision. `dtype` is the compute dtype (activations, KV cache; attention scores, softmax,
+RMSNorm statistics and RoPE always in float32) and `param_dtype` the storage dtype. The large
+presets compute in bfloat16 with float32 parameters (for accelerators); `test` and `bench-tiny`
+are float32 throughout (CPU tests).
 
 KV cache. `KVCache` is a plain pytree (no Flax "cache" collection): per-layer key and value
 buffers laid out [B, n_kv_heads, S, head_dim], a slot mask [B, S], the write index (shared by all
@@ -49,6 +56,7 @@ and a decode step writes one slot with `dynamic_update_slice`, in place inside a
 Methods (call through `model.apply({"params": params}, ..., method=NAME)`):
 
     __call__(tokens, mask)                -> logits [B, T, V] f32           (full forward, no cache)
+    hidden(tokens, mask) / head(h)        -> final hidden [B, T, D] / logits of hidden states
     init_cache(batch_size, max_len)       -> KVCache (zeros; reads no params)
     prefill(tokens, mask, cache)          -> (logits of the last position [B, V] f32, cache)
     decode(tokens [B], cache)             -> (logits [B, V] f32, cache)    (one token per row)
@@ -420,7 +428,12 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def extend(self, tokens: Array, mask: Array, cache: KVCache):
-        """Append a chunk [B, T] to the cache; hidden [B, T, D] and the updated cache."""
+        """Append a chunk [B, T] to the cache; hidden [B, T, D] and the updated cache.
+
+        The chunk goes to slots [index, index + T). The caller keeps index + T <= S: `index` is
+        traced, so only T <= S is checked here, and `dynamic_update_slice` would clamp a write
+        past the end onto the last T slots.
+        """
         mask = mask.astype(bool)
         B, T = tokens.shape
         S = cache.mask.shape[1]
@@ -482,6 +495,15 @@ class Transformer(nn.Module):
     def __call__(self, tokens: Array, mask: Array) -> Array:
         """tokens int32 [B, T], mask [B, T] -> logits [B, T, V] float32."""
         return self._logits(self.model(tokens, mask))
+
+    def hidden(self, tokens: Array, mask: Array) -> Array:
+        """Final-norm hidden states [B, T, D] (the full forward without the LM head), for callers
+        that apply `head` chunk by chunk instead of materialising [B, T, V] logits."""
+        return self.model(tokens, mask)
+
+    def head(self, h: Array) -> Array:
+        """LM head: hidden [..., D] -> float32 logits [..., V] (tied or untied)."""
+        return self._logits(h)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """Empty cache with `max_len` slots (reads no parameters)."""
