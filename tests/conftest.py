@@ -1,11 +1,17 @@
-"""Test set-up: 8 simulated CPU devices for the multi-device tests.
+"""Test set-up: 8 simulated CPU devices for the multi-device tests, and a compilation cache.
 
 XLA reads XLA_FLAGS once, when the backend starts, so it must be set before jax is imported.
 """
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compile time dominates these tests. A persistent cache, fresh for each session (so a stale
+# entry can never hide a change), lets identical programs built by different tests or by the
+# subprocesses some tests start (they inherit the variable) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="xpo_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 

@@ -104,7 +104,8 @@ def test_sweep_api_unsharded(cli_sweep):
     """`sweep()` without devices on a sub-grid gives the CLI's (sharded) numbers for its cells."""
     cfg, out = cli_sweep
     ref = sw.read_csv(os.path.join(out, "sweep.csv"))
-    final, curves = sw.sweep(cfg, [0.05], [0.1], [0, 2])
+    assert callable(sw)  # xpo_jax.sweep(...) is xpo_jax.sweep.sweep(...)
+    final, curves = sw(cfg, [0.05], [0.1], [0, 2])
     assert curves["loss"].shape == (2, ROUNDS)
     assert set(sw.CSV_COLUMNS) <= set(final)
     for j, i in enumerate((3, 5)):

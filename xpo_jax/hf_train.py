@@ -30,7 +30,7 @@ from xpo_jax.models.hf import load_hf
 from xpo_jax.models.transformer import RewardModel, Transformer
 from xpo_jax.oracles import judge_scores, reward_model_oracle
 from xpo_jax.round import RoundFns, make_optimizer, make_round
-from xpo_jax.state import Hyperparams, Replay, XPOState
+from xpo_jax.state import Hyperparams, XPOState, initial_state
 from xpo_jax.tokenizer import TextTokenizer
 
 Array = jax.Array
@@ -65,17 +65,11 @@ class HFRun:
     task = None
 
     def hparams(self) -> Hyperparams:
-        c = self.cfg
-        return Hyperparams.create(alpha=c.alpha, alpha_end=c.alpha_end, beta=c.beta, beta_end=c.beta_end,
-                                  temperature=c.temperature, lr_scale=c.lr_scale, label_smoothing=c.label_smoothing)
+        return Hyperparams.from_config(self.cfg)
 
     def init_state(self, key: Array, hparams: Hyperparams) -> XPOState:
-        replay = None
-        if self.cfg.replay_capacity:
-            replay = Replay.empty(self.cfg.replay_capacity, self.cfg.max_prompt_length, self.max_new_tokens)
-        copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
-        return XPOState.create_xpo(apply_fn=self.apply_fn, params=copy(self.ref_params), ref_params=copy(self.ref_params),
-                                   tx=self.tx, rng=key, hparams=hparams, replay=replay)
+        return initial_state(self.cfg, apply_fn=self.apply_fn, ref_params=self.ref_params, tx=self.tx, key=key,
+                             hparams=hparams, prompt_len=self.cfg.max_prompt_length, max_new_tokens=self.max_new_tokens)
 
     # -- prompts ---------------------------------------------------------------------------
 

@@ -125,9 +125,20 @@ def make_round(
             max_new_tokens=N, temperature=state.hparams.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             eos_id=eos_id, pad_id=pad_id, min_new_tokens=min_new_tokens,
         )
-        y = sample(apply_fn, state.params, prompts, prompt_mask, k_y, **opts)
-        explorer = state.ref_params if cfg.exploration_policy == "ref" else state.params
-        yt = sample(apply_fn, explorer, prompts, prompt_mask, k_yt, **opts)
+
+        def draw(params, key):
+            return sample(apply_fn, params, prompts, prompt_mask, key, **opts)
+
+        if cfg.exploration_policy == "policy":
+            # Same parameters: one decode loop over both keys (N steps instead of 2N, each a
+            # matmul over 2B rows).
+            out = jax.vmap(draw, in_axes=(None, 0))(state.params, jnp.stack([k_y, k_yt]))
+            y, yt = (jax.tree_util.tree_map(lambda a: a[i], out) for i in (0, 1))
+        else:
+            # Two loops. Stacking (policy, ref) and vmapping the sampler over them was measured
+            # slower on CPU (0.55 s vs 2 x 0.16 s at bench-tiny B=8): batched dots with distinct
+            # weights lower worse than two plain loops.
+            y, yt = draw(state.params, k_y), draw(state.ref_params, k_yt)
         return state.replace(rng=rng), Pairs(prompts, prompt_mask, y, yt, k_judge)
 
     def update(state: XPOState, pairs: Pairs, judgement: Judgement):

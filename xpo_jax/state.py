@@ -52,6 +52,14 @@ class Hyperparams(struct.PyTreeNode):
             label_smoothing=f(label_smoothing),
         )
 
+    @classmethod
+    def from_config(cls, cfg) -> "Hyperparams":
+        """The traced hyperparameters of a TrainConfig."""
+        return cls.create(
+            alpha=cfg.alpha, alpha_end=cfg.alpha_end, beta=cfg.beta, beta_end=cfg.beta_end,
+            temperature=cfg.temperature, lr_scale=cfg.lr_scale, label_smoothing=cfg.label_smoothing,
+        )
+
     def scheduled(self, round_idx: Array, num_rounds: int) -> tuple[Array, Array]:
         """(alpha_t, beta_t) at round `round_idx` of `num_rounds` (linear, end value at the last)."""
         frac = jnp.clip(round_idx.astype(jnp.float32) / max(num_rounds - 1, 1), 0.0, 1.0)
@@ -139,3 +147,16 @@ class XPOState(train_state.TrainState):
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         updates = jax.tree_util.tree_map(lambda u: u * self.hparams.lr_scale.astype(u.dtype), updates)
         return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
+
+
+def initial_state(cfg, *, apply_fn, ref_params, tx, key: Array, hparams: Hyperparams, prompt_len: int,
+                  max_new_tokens: int) -> XPOState:
+    """Round 0 of a run: the policy starts at the reference (as in RLHF fine-tuning).
+
+    Both params and ref_params are *copies* of `ref_params`: the host loop donates the state, and
+    donating one buffer twice (as params and as ref_params) is an error, as is deleting the
+    caller's reference parameters."""
+    replay = Replay.empty(cfg.replay_capacity, prompt_len, max_new_tokens) if cfg.replay_capacity else None
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
+    return XPOState.create_xpo(apply_fn=apply_fn, params=copy(ref_params), ref_params=copy(ref_params), tx=tx,
+                               rng=key, hparams=hparams, replay=replay)

@@ -6,7 +6,8 @@ runs G independent online runs side by side (PureJaxRL's habit). With `devices`,
 is split over a 1-D mesh of those devices (cells never talk to each other, so this is pure data
 parallelism over runs; G is padded to a multiple of the device count and the padding dropped).
 
-    final, curves = sweep(cfg, alphas=[0, 1e-3, 1e-2], betas=[0.05, 0.1], seeds=range(8))
+    final, curves = xpo_jax.sweep(cfg, alphas=[0, 1e-3, 1e-2], betas=[0.05, 0.1], seeds=range(8))
+    # (the module is callable: xpo_jax.sweep(...) is xpo_jax.sweep.sweep(...))
     final["j_beta"]        # [G] exact J_beta of each cell's final policy
     curves["eval/j_beta"]  # [G, R] per round (NaN between evaluations)
 
@@ -24,6 +25,7 @@ import os
 import re
 import sys
 import time
+import types
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -142,8 +144,9 @@ def reference_eval(run: Any, betas: np.ndarray) -> dict:
     import jax
     import jax.numpy as jnp
 
-    out = jax.jit(jax.vmap(lambda b: run.exact_eval(run.ref_params, b)))(jnp.asarray(betas, jnp.float32))
-    return {"ref_" + k.split("/", 1)[1]: np.asarray(v) for k, v in out.items()}
+    unique, index = np.unique(np.asarray(betas, np.float32), return_inverse=True)
+    out = jax.jit(jax.vmap(lambda b: run.exact_eval(run.ref_params, b)))(jnp.asarray(unique))
+    return {"ref_" + k.split("/", 1)[1]: np.asarray(v)[index] for k, v in out.items()}
 
 
 def sweep(cfg: Any, alphas: Sequence[float], betas: Sequence[float], seeds: Sequence[int], *,
@@ -232,14 +235,17 @@ def seed_table(final: dict, metric: str) -> tuple[np.ndarray, np.ndarray, np.nda
     return alphas, betas, mean, std
 
 
-def plot_heatmap(final: dict, path: str, title: str = "") -> None:
-    """Final exact J_beta, true reward and KL averaged over seeds; rows alpha, columns beta."""
+HEATMAP_PANELS = (("j_beta", "exact J_beta (final)"), ("reward", "exact E[r] (final)"), ("kl", "KL(pi || pi_ref)"))
+
+
+def plot_heatmap(final: dict, path: str, title: str = "", panels: Sequence = HEATMAP_PANELS) -> None:
+    """Final exact J_beta, true reward and KL (or `panels`: (metric, title) pairs) averaged over
+    seeds; rows alpha, columns beta."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("j_beta", "exact J_beta (final)"), ("reward", "exact E[r] (final)"), ("kl", "KL(pi || pi_ref)")]
     panels = [(m, t) for m, t in panels if m in final]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 0.5 * len(np.unique(final["alpha"])) + 2.4))
     for ax, (metric, t) in zip(np.atleast_1d(axes), panels):
@@ -281,8 +287,11 @@ def plot_curves(final: dict, curves: dict, path: str, metric: str = "eval/j_beta
         for a, c in zip(alphas, colors):
             sel = (final["alpha"] == a) & (final["beta"] == b)
             v = y[sel][:, evaluated]
-            m, s = np.nanmean(v, 0), np.nanstd(v, 0)
             x = rounds[evaluated]
+            if metric == "eval/j_beta" and "ref_j_beta" in final:  # round 0: the policy is pi_ref
+                v = np.concatenate([np.asarray(final["ref_j_beta"])[sel][:, None], v], axis=1)
+                x = np.concatenate([[0], x])
+            m, s = np.nanmean(v, 0), np.nanstd(v, 0)
             ax.plot(x, m, "-", color=c, lw=1.4, label=f"alpha={a:g}" + (" (DPO)" if a == 0 else ""))
             ax.fill_between(x, m - s, m + s, color=c, alpha=0.18, lw=0)
         sel_b = final["beta"] == b
@@ -431,6 +440,16 @@ def main_sweep(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
 
+
+class _CallableModule(types.ModuleType):
+    """`xpo_jax.sweep(cfg, alphas, betas, seeds)` calls `sweep` while `xpo_jax.sweep` stays this
+    module (so `from xpo_jax.sweep import ...` and `import xpo_jax.sweep` keep working)."""
+
+    def __call__(self, *args, **kwargs):
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main_sweep())

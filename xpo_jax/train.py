@@ -24,7 +24,7 @@ from xpo_jax.config import TrainConfig
 from xpo_jax.models.transformer import Transformer
 from xpo_jax.oracles import reward_fn_oracle
 from xpo_jax.round import RoundFns, make_optimizer, make_round
-from xpo_jax.state import Hyperparams, Replay, XPOState
+from xpo_jax.state import Hyperparams, XPOState, initial_state
 from xpo_jax.tasks import Task, resolve_task
 
 Array = jax.Array
@@ -49,24 +49,11 @@ class Run:
     max_new_tokens: int
 
     def hparams(self) -> Hyperparams:
-        c = self.cfg
-        return Hyperparams.create(
-            alpha=c.alpha, alpha_end=c.alpha_end, beta=c.beta, beta_end=c.beta_end, temperature=c.temperature,
-            lr_scale=c.lr_scale, label_smoothing=c.label_smoothing,
-        )
+        return Hyperparams.from_config(self.cfg)
 
     def init_state(self, key: Array, hparams: Hyperparams) -> XPOState:
-        """The policy starts at the reference (as in RLHF fine-tuning); `key` seeds the run."""
-        replay = None
-        if self.cfg.replay_capacity:
-            replay = Replay.empty(self.cfg.replay_capacity, self.task.prompt_len, self.max_new_tokens)
-        # Copies, not aliases: the host loop donates the state, and donating one buffer twice (as
-        # params and as ref_params) is an error, as is deleting run.ref_params under its owner.
-        copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
-        return XPOState.create_xpo(
-            apply_fn=self.apply_fn, params=copy(self.ref_params), ref_params=copy(self.ref_params), tx=self.tx,
-            rng=key, hparams=hparams, replay=replay,
-        )
+        return initial_state(self.cfg, apply_fn=self.apply_fn, ref_params=self.ref_params, tx=self.tx, key=key,
+                             hparams=hparams, prompt_len=self.task.prompt_len, max_new_tokens=self.max_new_tokens)
 
     def data_key(self, key: Array) -> Array:
         return jax.random.fold_in(key, 0x5EED)

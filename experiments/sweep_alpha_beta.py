@@ -1,0 +1,224 @@
+"""XPO vs online DPO on the hard-exploration task: an alpha x beta x seed grid in one program.
+
+    python experiments/sweep_alpha_beta.py                 # 5 alphas x 4 betas x 8 seeds, defaults
+    python experiments/sweep_alpha_beta.py --rounds 100 --alphas 0,0.01 --betas 0.1 --seeds 0-3
+
+Every option not swept is TrainConfig's default at the time of the run (read, not copied: the
+defaults are the tuned XPO run of BUILD_NOTES.md). The default grid is built around them:
+alphas {0, a/2, a, 2a, 5a} (alpha = 0 is online DPO) and betas {b/2, b, 2b, 4b} for the default
+(a, b), seeds 0-7. All cells run as one `jax.jit(jax.vmap(train))` program (`xpo_jax.sweep`).
+
+Writes experiments/results/sweep_alpha_beta.{csv,md,json,npz}, sweep_alpha_beta_heatmap.png
+(final exact J_beta, reward, KL, P(optimal), seed means) and sweep_alpha_beta_curves.png
+(exact J_beta learning curves per alpha, seed mean ± std, one panel per beta). The .md has the
+tables and what they show (data-driven), and keeps a hand-written "## Discussion" section across
+reruns.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+RESULTS = os.path.join(HERE, "results")
+PREFIX = os.path.join(RESULTS, "sweep_alpha_beta")
+T_975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}  # two-sided 5% critical t, by dof
+
+
+def paired(final, metric, alpha, beta, base_alpha=0.0):
+    """Paired-over-seeds difference of `metric` between (alpha, beta) and (base_alpha, beta):
+    (mean diff, standard error, wins, n, significant at 5% two-sided)."""
+    import numpy as np
+
+    def cell(a):
+        sel = (final["alpha"] == np.float32(a)) & (final["beta"] == np.float32(beta))
+        order = np.argsort(final["seed"][sel])
+        return np.asarray(final[metric])[sel][order]
+
+    x, y = cell(alpha), cell(base_alpha)
+    d = x - y
+    n = len(d)
+    mean = float(np.mean(d))
+    se = float(np.std(d, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    t = mean / se if se > 0 else (float("inf") if mean else 0.0)
+    crit = T_975.get(n - 1, 1.96)
+    return mean, se, int(np.sum(d > 0)), n, bool(n > 1 and abs(t) > crit)
+
+
+def write_markdown(path, cfg, final, alphas, betas, seeds, timing, machine):
+    import numpy as np
+
+    from xpo_jax.sweep import seed_table
+
+    def table(metric, fmt="{:.3f}", what=""):
+        a_, b_, mean, std = seed_table(final, metric)
+        rows = [f"| alpha \\ beta | " + " | ".join(f"{b:g}" for b in b_) + " |", "|---|" + "---|" * len(b_)]
+        for i, a in enumerate(a_):
+            rows.append(f"| {a:g}{' (online DPO)' if a == 0 else ''} | "
+                        + " | ".join(f"{fmt.format(mean[i, j])} ± {fmt.format(std[i, j])}" for j in range(len(b_)))
+                        + " |")
+        return [f"**{what}** (mean ± std over {len(seeds)} seeds)", ""] + rows + [""]
+
+    G = len(final["alpha"])
+    f32 = lambda b: float(np.float32(b))  # dictionary keys: betas as stored (float32)
+    ref_j = {f32(b): float(np.mean(final["ref_j_beta"][final["beta"] == np.float32(b)])) for b in betas}
+    j_star = {f32(b): float(np.mean(final["j_star"][final["beta"] == np.float32(b)])) for b in betas}
+    lines = [
+        "# XPO vs online DPO on hard-explore: alpha x beta x seed sweep", "",
+        f"{machine}, {datetime.date.today().isoformat()}, jax {timing['jax']}. Command: `{timing['command']}`", "",
+        f"{len(alphas)} alphas x {len(betas)} betas x {len(seeds)} seeds = {G} online runs of {cfg.rounds} rounds "
+        f"(batch {cfg.batch_size}, lr {cfg.learning_rate:g}, Bradley-Terry oracle: {cfg.bradley_terry}, bonus clip "
+        f"{cfg.bonus_clip}, exploration policy {cfg.exploration_policy}; every other option TrainConfig's "
+        f"default), as one vmapped program: compile {timing['compile_s']:.0f} s, run {timing['run_s']:.0f} s "
+        f"(wall {timing['wall_s']:.0f} s with the reference fine-tune). Exact evaluation by enumerating every "
+        "response. Files: `sweep_alpha_beta.csv` (one row per run), `sweep_alpha_beta_heatmap.png`, "
+        "`sweep_alpha_beta_curves.png`, `sweep_alpha_beta.npz` (per-round curves).", "",
+        "Reference policy and optimum per beta: "
+        + "; ".join(f"beta {b:g}: J_beta(pi_ref) {ref_j[f32(b)]:.3f}, J* {j_star[f32(b)]:.3f}" for b in betas) + ".",
+        "",
+    ]
+    lines += table("j_beta", what="Final exact J_beta = E[r] - beta KL")
+    lines += table("p_optimal", fmt="{:.3g}", what="Final P(optimal response)")
+    lines += table("reward", what="Final exact E[r] (0..4)")
+    lines += table("kl", what="Final KL(pi || pi_ref)")
+
+    # XPO minus online DPO, paired over seeds (same seed = same prompts and initial key).
+    lines += ["**XPO minus online DPO, paired over seeds** (final exact J_beta: mean difference ± standard "
+              "error, seeds where XPO is higher; * = paired t-test significant at 5%)", "",
+              "| alpha \\ beta | " + " | ".join(f"{b:g}" for b in betas) + " |", "|---|" + "---|" * len(betas)]
+    better, worse, tie = [], [], []
+    for a in alphas:
+        if a == 0:
+            continue
+        cells = []
+        for b in betas:
+            m, se, wins, n, sig = paired(final, "j_beta", a, b)
+            cells.append(f"{m:+.3f} ± {se:.3f} ({wins}/{n}){'*' if sig else ''}")
+            (better if sig and m > 0 else worse if sig and m < 0 else tie).append((a, b, m, wins, n))
+        lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+
+    # Data-driven summary.
+    def fmt_cells(cs):
+        return ", ".join(f"(alpha {a:g}, beta {b:g}: {m:+.3f}, {w}/{n})" for a, b, m, w, n in cs) or "none"
+
+    a_, b_, mean, _ = seed_table(final, "j_beta")
+    best = np.unravel_index(np.nanargmax(mean), mean.shape)
+    dpo_row = list(a_).index(0.0) if 0.0 in a_ else None
+    lines += ["## What it shows", "",
+              f"- Best cell by mean final J_beta: alpha {a_[best[0]]:g}, beta {b_[best[1]]:g} "
+              f"({mean[best]:.3f}; J* there is {j_star[f32(b_[best[1]])]:.3f})."]
+    if dpo_row is not None:
+        for j, b in enumerate(b_):
+            col = mean[:, j]
+            k = int(np.nanargmax(col))
+            lines.append(f"- beta {b:g}: online DPO {col[dpo_row]:.3f}, best alpha {a_[k]:g} ({col[k]:.3f}), "
+                         f"pi_ref {ref_j[f32(b)]:.3f}, J* {j_star[f32(b)]:.3f}.")
+    lines += [f"- XPO significantly above online DPO (paired, 5%): {fmt_cells(better)}.",
+              f"- XPO significantly below online DPO: {fmt_cells(worse)}.",
+              "- No significant difference: "
+              + (", ".join(f"({a:g}, {b:g})" for a, b, *_ in tie) or "none") + " (alpha, beta).", ""]
+    # P(optimal): the exploration the bonus is for.
+    po = []
+    for a in alphas:
+        if a:
+            for b in betas:
+                m, se, wins, n, sig = paired(final, "p_optimal", a, b)
+                po.append((a, b, m, wins, n, sig))
+    up = [(a, b, m, w, n) for a, b, m, w, n, s in po if s and m > 0]
+    down = [(a, b, m, w, n) for a, b, m, w, n, s in po if s and m < 0]
+    lines += [f"- P(optimal response), XPO minus DPO: significantly higher in {fmt_cells(up)}; significantly lower "
+              f"in {fmt_cells(down)}.", ""]
+
+    discussion = ""
+    if os.path.exists(path):
+        old = open(path).read()
+        if "\n## Discussion" in old:
+            discussion = old[old.index("\n## Discussion") + 1:]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + ("\n" + discussion if discussion else ""))
+
+
+def main() -> int:
+    from xpo_jax.sweep import parse_floats, parse_ints
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--alphas", type=parse_floats, default=None)
+    ap.add_argument("--betas", type=parse_floats, default=None)
+    ap.add_argument("--seeds", type=parse_ints, default=parse_ints("0-7"))
+    ap.add_argument("--rounds", type=int, default=None, help="default: TrainConfig's")
+    ap.add_argument("--eval-every", type=int, default=None, help="default: TrainConfig's")
+    a = ap.parse_args()
+
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from xpo_jax.config import TrainConfig
+    from xpo_jax.sweep import (finalise, grid_inputs, make_grid, make_sweep_fn, plot_curves, plot_heatmap,
+                               reference_eval, sweep_config, write_csv)
+    from xpo_jax.train import build_run
+
+    t_wall = time.perf_counter()
+    base = TrainConfig(task="hard-explore", name="sweep_alpha_beta", progress=False, tensorboard=False)
+    over = {k: v for k, v in (("rounds", a.rounds), ("eval_every", a.eval_every)) if v is not None}
+    cfg = sweep_config(dataclasses.replace(base, **over))
+    al, be = cfg.alpha, cfg.beta
+    alphas = a.alphas if a.alphas is not None else [0.0, al / 2, al, 2 * al, 5 * al]
+    betas = a.betas if a.betas is not None else [be / 2, be, 2 * be, 4 * be]
+    seeds = a.seeds
+    grid = make_grid(alphas, betas, seeds)
+    G = len(grid["alpha"])
+    print(f"{len(alphas)} alphas {alphas} x {len(betas)} betas {betas} x {len(seeds)} seeds = {G} runs of "
+          f"{cfg.rounds} rounds, one program", flush=True)
+    run = build_run(cfg)
+    keys, hp = grid_inputs(cfg, grid)
+    fn = make_sweep_fn(cfg, run)
+    t = time.perf_counter()
+    compiled = fn.lower(keys, hp).compile()
+    compile_s = time.perf_counter() - t
+    print(f"compiled in {compile_s:.1f} s", flush=True)
+    t = time.perf_counter()
+    curves = jax.device_get(jax.block_until_ready(compiled(keys, hp)))
+    run_s = time.perf_counter() - t
+    print(f"ran in {run_s:.1f} s", flush=True)
+    curves = {k: np.asarray(v) for k, v in curves.items()}
+    final = finalise(grid, curves, reference_eval(run, grid["beta"]))
+    wall_s = time.perf_counter() - t_wall
+
+    d = jax.devices()[0]
+    machine = (f"CPU {platform.machine()}, {os.cpu_count()} cores" if d.platform == "cpu"
+               else f"{d.device_kind} ({d.platform})")
+    timing = {"compile_s": compile_s, "run_s": run_s, "wall_s": wall_s, "jax": jax.__version__,
+              "command": "python experiments/sweep_alpha_beta.py " + " ".join(sys.argv[1:]),
+              "load_average": os.getloadavg()}
+    os.makedirs(RESULTS, exist_ok=True)
+    write_csv(PREFIX + ".csv", final)
+    title = f"hard-explore, {cfg.rounds} rounds"
+    plot_heatmap(final, PREFIX + "_heatmap.png", title=title,
+                 panels=(("j_beta", "exact J_beta (final)"), ("reward", "exact E[r] (final)"),
+                         ("kl", "KL(pi || pi_ref)"), ("p_optimal", "P(optimal response)")))
+    plot_curves(final, curves, PREFIX + "_curves.png", title=f"exact J_beta per round, {title}")
+    keep = [k for k in curves if k.startswith("eval/") or k in ("task/reward", "objective/kl", "loss")]
+    np.savez_compressed(PREFIX + ".npz", **{k.replace("/", "__"): curves[k] for k in keep},
+                        **{"final__" + k: v for k, v in final.items()})
+    with open(PREFIX + ".json", "w") as f:
+        json.dump({"config": cfg.to_dict(), "alphas": alphas, "betas": betas, "seeds": seeds, "machine": machine,
+                   "date": datetime.date.today().isoformat(), **timing}, f, indent=1)
+    write_markdown(PREFIX + ".md", cfg, final, alphas, betas, seeds, timing, machine)
+    print(open(PREFIX + ".md").read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
