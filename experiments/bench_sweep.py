@@ -64,7 +64,6 @@ def bench_grid(a) -> dict:
     import numpy as np
 
     from xpo_jax.config import TrainConfig
-    from xpo_jax.state import Hyperparams
     from xpo_jax.sweep import grid_inputs, make_grid, sweep_config
     from xpo_jax.train import build_run, make_train
 

@@ -4,9 +4,12 @@
     python experiments/sweep_alpha_beta.py --rounds 100 --alphas 0,0.01 --betas 0.1 --seeds 0-3
 
 Every option not swept is TrainConfig's default at the time of the run (read, not copied: the
-defaults are the tuned XPO run of BUILD_NOTES.md). The default grid is built around them:
-alphas {0, a/2, a, 2a, 5a} (alpha = 0 is online DPO) and betas {b/2, b, 2b, 4b} for the default
-(a, b), seeds 0-7. All cells run as one `jax.jit(jax.vmap(train))` program (`xpo_jax.sweep`).
+defaults are the tuned XPO run of BUILD_NOTES.md). The grid is fixed, so the results file can be
+reproduced: alphas {0, 0.005, 0.01, 0.02, 0.05} (alpha = 0 is online DPO; 0.01 was the default
+when this ran, 0.005 is the default now), betas {0.05, 0.1, 0.2, 0.4}, seeds 0-7. All cells run
+as one `jax.jit(jax.vmap(train))` program (`xpo_jax.sweep`). Note that a different grid size
+changes f32 rounding in the batched program, and over 200 chaotic rounds that changes the
+per-seed trajectories (not their statistics): see the .md's Discussion.
 
 Writes experiments/results/sweep_alpha_beta.{csv,md,json,npz}, sweep_alpha_beta_heatmap.png
 (final exact J_beta, reward, KL, P(optimal), seed means) and sweep_alpha_beta_curves.png
@@ -30,6 +33,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 RESULTS = os.path.join(HERE, "results")
 PREFIX = os.path.join(RESULTS, "sweep_alpha_beta")
+ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.05)
+BETAS = (0.05, 0.1, 0.2, 0.4)
 T_975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}  # two-sided 5% critical t, by dof
 
@@ -54,7 +59,7 @@ def paired(final, metric, alpha, beta, base_alpha=0.0):
     return mean, se, int(np.sum(d > 0)), n, bool(n > 1 and abs(t) > crit)
 
 
-def write_markdown(path, cfg, final, alphas, betas, seeds, timing, machine):
+def write_markdown(path, cfg, final, alphas, betas, seeds, timing, machine, date=None):
     import numpy as np
 
     from xpo_jax.sweep import seed_table
@@ -74,7 +79,7 @@ def write_markdown(path, cfg, final, alphas, betas, seeds, timing, machine):
     j_star = {f32(b): float(np.mean(final["j_star"][final["beta"] == np.float32(b)])) for b in betas}
     lines = [
         "# XPO vs online DPO on hard-explore: alpha x beta x seed sweep", "",
-        f"{machine}, {datetime.date.today().isoformat()}, jax {timing['jax']}. Command: `{timing['command']}`", "",
+        f"{machine}, {date or datetime.date.today().isoformat()}, jax {timing['jax']}. Command: `{timing['command']}`", "",
         f"{len(alphas)} alphas x {len(betas)} betas x {len(seeds)} seeds = {G} online runs of {cfg.rounds} rounds "
         f"(batch {cfg.batch_size}, lr {cfg.learning_rate:g}, Bradley-Terry oracle: {cfg.bradley_terry}, bonus clip "
         f"{cfg.bonus_clip}, exploration policy {cfg.exploration_policy}; every other option TrainConfig's "
@@ -87,25 +92,35 @@ def write_markdown(path, cfg, final, alphas, betas, seeds, timing, machine):
         "",
     ]
     lines += table("j_beta", what="Final exact J_beta = E[r] - beta KL")
+    if "j_beta_late" in final:
+        lines += table("j_beta_late", what=f"Exact J_beta averaged over the evaluations of the last quarter "
+                                           f"(rounds > {cfg.rounds - cfg.rounds // 4}), less noisy than the last one")
     lines += table("p_optimal", fmt="{:.3g}", what="Final P(optimal response)")
     lines += table("reward", what="Final exact E[r] (0..4)")
     lines += table("kl", what="Final KL(pi || pi_ref)")
 
     # XPO minus online DPO, paired over seeds (same seed = same prompts and initial key).
-    lines += ["**XPO minus online DPO, paired over seeds** (final exact J_beta: mean difference ± standard "
-              "error, seeds where XPO is higher; * = paired t-test significant at 5%)", "",
-              "| alpha \\ beta | " + " | ".join(f"{b:g}" for b in betas) + " |", "|---|" + "---|" * len(betas)]
-    better, worse, tie = [], [], []
-    for a in alphas:
-        if a == 0:
-            continue
-        cells = []
-        for b in betas:
-            m, se, wins, n, sig = paired(final, "j_beta", a, b)
-            cells.append(f"{m:+.3f} ± {se:.3f} ({wins}/{n}){'*' if sig else ''}")
-            (better if sig and m > 0 else worse if sig and m < 0 else tie).append((a, b, m, wins, n))
-        lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
-    lines.append("")
+    def diff_table(metric, label):
+        out = [f"**XPO minus online DPO, paired over seeds: {label}** (mean difference ± standard error, seeds "
+               "where XPO is higher; * = paired t-test significant at 5%)", "",
+               "| alpha \\ beta | " + " | ".join(f"{b:g}" for b in betas) + " |", "|---|" + "---|" * len(betas)]
+        groups = ([], [], [])
+        for a in alphas:
+            if a == 0:
+                continue
+            cells = []
+            for b in betas:
+                m, se, wins, n, sig = paired(final, metric, a, b)
+                cells.append(f"{m:+.3f} ± {se:.3f} ({wins}/{n}){'*' if sig else ''}")
+                groups[0 if sig and m > 0 else 1 if sig and m < 0 else 2].append((a, b, m, wins, n))
+            out.append(f"| {a:g} | " + " | ".join(cells) + " |")
+        return out + [""], groups
+
+    t, (better, worse, tie) = diff_table("j_beta", "final exact J_beta")
+    lines += t
+    if "j_beta_late" in final:
+        t, (better_l, worse_l, _) = diff_table("j_beta_late", "J_beta over the last quarter")
+        lines += t
 
     # Data-driven summary.
     def fmt_cells(cs):
@@ -126,7 +141,11 @@ def write_markdown(path, cfg, final, alphas, betas, seeds, timing, machine):
     lines += [f"- XPO significantly above online DPO (paired, 5%): {fmt_cells(better)}.",
               f"- XPO significantly below online DPO: {fmt_cells(worse)}.",
               "- No significant difference: "
-              + (", ".join(f"({a:g}, {b:g})" for a, b, *_ in tie) or "none") + " (alpha, beta).", ""]
+              + (", ".join(f"({a:g}, {b:g})" for a, b, *_ in tie) or "none") + " (alpha, beta)."]
+    if "j_beta_late" in final:
+        lines += [f"- Over the last quarter's evaluations: XPO significantly above online DPO in {fmt_cells(better_l)}; "
+                  f"significantly below in {fmt_cells(worse_l)}."]
+    lines.append("")
     # P(optimal): the exploration the bonus is for.
     po = []
     for a in alphas:
@@ -157,6 +176,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=parse_ints, default=parse_ints("0-7"))
     ap.add_argument("--rounds", type=int, default=None, help="default: TrainConfig's")
     ap.add_argument("--eval-every", type=int, default=None, help="default: TrainConfig's")
+    ap.add_argument("--from-saved", action="store_true",
+                    help="rewrite the CSV, figures and .md from the saved .npz/.json without running")
     a = ap.parse_args()
 
     import dataclasses
@@ -165,17 +186,17 @@ def main() -> int:
     import numpy as np
 
     from xpo_jax.config import TrainConfig
-    from xpo_jax.sweep import (finalise, grid_inputs, make_grid, make_sweep_fn, plot_curves, plot_heatmap,
-                               reference_eval, sweep_config, write_csv)
+    from xpo_jax.sweep import finalise, grid_inputs, make_grid, make_sweep_fn, reference_eval, sweep_config
     from xpo_jax.train import build_run
 
+    if a.from_saved:
+        return rewrite_from_saved()
     t_wall = time.perf_counter()
     base = TrainConfig(task="hard-explore", name="sweep_alpha_beta", progress=False, tensorboard=False)
     over = {k: v for k, v in (("rounds", a.rounds), ("eval_every", a.eval_every)) if v is not None}
     cfg = sweep_config(dataclasses.replace(base, **over))
-    al, be = cfg.alpha, cfg.beta
-    alphas = a.alphas if a.alphas is not None else [0.0, al / 2, al, 2 * al, 5 * al]
-    betas = a.betas if a.betas is not None else [be / 2, be, 2 * be, 4 * be]
+    alphas = a.alphas if a.alphas is not None else list(ALPHAS)
+    betas = a.betas if a.betas is not None else list(BETAS)
     seeds = a.seeds
     grid = make_grid(alphas, betas, seeds)
     G = len(grid["alpha"])
@@ -203,21 +224,46 @@ def main() -> int:
               "command": "python experiments/sweep_alpha_beta.py " + " ".join(sys.argv[1:]),
               "load_average": os.getloadavg()}
     os.makedirs(RESULTS, exist_ok=True)
-    write_csv(PREFIX + ".csv", final)
-    title = f"hard-explore, {cfg.rounds} rounds"
-    plot_heatmap(final, PREFIX + "_heatmap.png", title=title,
-                 panels=(("j_beta", "exact J_beta (final)"), ("reward", "exact E[r] (final)"),
-                         ("kl", "KL(pi || pi_ref)"), ("p_optimal", "P(optimal response)")))
-    plot_curves(final, curves, PREFIX + "_curves.png", title=f"exact J_beta per round, {title}")
     keep = [k for k in curves if k.startswith("eval/") or k in ("task/reward", "objective/kl", "loss")]
     np.savez_compressed(PREFIX + ".npz", **{k.replace("/", "__"): curves[k] for k in keep},
                         **{"final__" + k: v for k, v in final.items()})
     with open(PREFIX + ".json", "w") as f:
         json.dump({"config": cfg.to_dict(), "alphas": alphas, "betas": betas, "seeds": seeds, "machine": machine,
                    "date": datetime.date.today().isoformat(), **timing}, f, indent=1)
-    write_markdown(PREFIX + ".md", cfg, final, alphas, betas, seeds, timing, machine)
-    print(open(PREFIX + ".md").read())
+    write_reports(cfg, final, curves, alphas, betas, seeds, timing, machine)
     return 0
+
+
+def rewrite_from_saved() -> int:
+    import numpy as np
+
+    from xpo_jax.config import TrainConfig
+    from xpo_jax.sweep import finalise
+
+    saved = json.load(open(PREFIX + ".json"))
+    npz = np.load(PREFIX + ".npz")
+    curves = {k.replace("__", "/"): npz[k] for k in npz.files if not k.startswith("final__")}
+    old = {k[len("final__"):]: npz[k] for k in npz.files if k.startswith("final__")}
+    grid = {k: old[k] for k in ("alpha", "beta", "seed")}
+    final = finalise(grid, curves, {k: v for k, v in old.items() if k.startswith("ref_")})
+    cfg = TrainConfig.from_dict(saved["config"])
+    timing = {k: saved[k] for k in ("compile_s", "run_s", "wall_s", "jax", "command")}
+    write_reports(cfg, final, curves, saved["alphas"], saved["betas"], saved["seeds"], timing, saved["machine"],
+                  date=saved["date"])
+    return 0
+
+
+def write_reports(cfg, final, curves, alphas, betas, seeds, timing, machine, date=None):
+    from xpo_jax.sweep import plot_curves, plot_heatmap, write_csv
+
+    write_csv(PREFIX + ".csv", final)
+    title = f"hard-explore, {cfg.rounds} rounds"
+    plot_heatmap(final, PREFIX + "_heatmap.png", title=title,
+                 panels=(("j_beta", "exact J_beta (final)"), ("reward", "exact E[r] (final)"),
+                         ("kl", "KL(pi || pi_ref)"), ("p_optimal", "P(optimal response)")))
+    plot_curves(final, curves, PREFIX + "_curves.png", title=f"exact J_beta per round, {title}")
+    write_markdown(PREFIX + ".md", cfg, final, alphas, betas, seeds, timing, machine, date=date)
+    print(open(PREFIX + ".md").read())
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ class Checkpointer:
     """Save / restore (state, config dict, data-position dict) under `directory/<round>`."""
 
     def __init__(self, directory: str, *, keep: int = 2):
-        self.directory = os.path.abspath(directory)
+        # Keep remote paths (gs://...) as they are: multi-host runs checkpoint to shared storage.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="online XPO on a built-in task (the defaults: hard-explore)")
     add_config_flags(t)
     t.set_defaults(func=_train)
+    from xpo_jax.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     p = sub.add_parser("demo", help="evaluate the XPO and DPO-family losses on random inputs")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)

@@ -32,7 +32,7 @@ class TrainConfig:
     truncation: str = "left"  # over-long prompts: "left" (keep the end) or "drop"
     fuse_judge: Optional[bool] = None  # judge inside the round (None: when the vocabularies match)
     # -- algorithm ------------------------------------------------------------------------
-    alpha: float = 0.01  # XPO exploration coefficient (0 = online DPO)
+    alpha: float = 0.005  # XPO exploration coefficient (0 = online DPO)
     alpha_end: Optional[float] = None  # linear schedule to this value at the last round
     beta: float = 0.1  # KL strength of the DPO loss
     beta_end: Optional[float] = None  # linear schedule to this value at the last round

@@ -33,7 +33,7 @@ import numpy as np
 # Final metrics per cell: CSV column -> metric of make_train (eval/* at the last round).
 FINAL_EVAL = {"j_beta": "eval/j_beta", "reward": "eval/reward", "kl": "eval/kl", "p_optimal": "eval/p_optimal",
               "j_star": "eval/j_star"}
-CSV_COLUMNS = ("alpha", "beta", "seed", "j_beta", "reward", "kl", "p_optimal", "j_star", "ref_j_beta",
+CSV_COLUMNS = ("alpha", "beta", "seed", "j_beta", "reward", "kl", "p_optimal", "j_star", "j_beta_late", "ref_j_beta",
                "ref_reward", "ref_p_optimal", "sampled_reward")
 
 
@@ -155,9 +155,10 @@ def sweep(cfg: Any, alphas: Sequence[float], betas: Sequence[float], seeds: Sequ
 
     Returns (final, curves):
       final:  {"alpha", "beta", "seed", "j_beta", "reward", "kl", "p_optimal", "j_star" (exact,
-              final policy), "ref_j_beta", "ref_reward", "ref_p_optimal" (pi_ref at the cell's
-              beta), "sampled_reward" (mean reward of the policy's samples over the last 10% of
-              rounds)} -> [G] numpy arrays, cells alpha-major (see `make_grid`);
+              final policy), "j_beta_late" (mean exact J_beta over the evaluations in the last
+              quarter of the rounds), "ref_j_beta", "ref_reward", "ref_p_optimal" (pi_ref at the
+              cell's beta), "sampled_reward" (mean reward of the policy's samples over the last
+              10% of rounds)} -> [G] numpy arrays, cells alpha-major (see `make_grid`);
       curves: every per-round metric of `make_train` -> [G, R] numpy arrays (eval/* are NaN
               between evaluations).
     `devices`: shard the grid over these devices (None or one device: no sharding).
@@ -190,6 +191,10 @@ def finalise(grid: dict, curves: dict, ref: dict) -> dict:
             final[col] = curves[key][:, -1]
     for k, v in ref.items():
         final[k] = v
+    if "eval/j_beta" in curves:  # less noisy than one evaluation: the mean over the last quarter
+        late = curves["eval/j_beta"][:, -max(1, R // 4):]
+        if np.isfinite(late).any(axis=1).all():
+            final["j_beta_late"] = np.nanmean(late, axis=1)
     if "task/reward" in curves:
         final["sampled_reward"] = np.mean(curves["task/reward"][:, -max(1, R // 10):], axis=1)
     return final

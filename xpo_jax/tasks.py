@@ -563,7 +563,9 @@ def make_hard_explore_task(
         [first_letter + (codes // n_letters**i) % n_letters for i in range(prompt_len)], axis=1
     ).astype(np.int32)
     prompt_mask = np.ones_like(prompts)
-    prefix_logits = jnp.log(jnp.asarray(prefix_probs, jnp.float32))
+    # numpy, not jnp: building the task at import must not start JAX's backend (that would make
+    # jax.distributed.initialize impossible afterwards).
+    prefix_logits = np.log(np.asarray(prefix_probs, np.float32))
 
     def reward_fn(prompts, prompt_mask, responses, response_mask):
         target, length = reverse_target(prompts, prompt_mask)
