@@ -180,7 +180,7 @@ def test_encode_prompts_left_padding(chat_tok):
         assert tokens[b, :pad].tolist() == [chat_tok.pad_id] * pad
         assert tokens[b, pad:].tolist() == ids
         assert mask[b].tolist() == [0] * pad + [1] * len(ids)
-    assert stats == {"num_prompts": 3, "num_truncated": 0, "num_dropped": 0}
+    assert stats == {"num_prompts": 3, "num_truncated": 0, "num_dropped": 0, "kept": [0, 1, 2]}
 
 
 def test_truncation_left_and_drop(chat_tok):
@@ -195,12 +195,12 @@ def test_truncation_left_and_drop(chat_tok):
     assert tokens.shape == (3, width)
     assert tokens[0].tolist() == long_ids[-width:]  # keeps the end of the prompt
     assert mask[0].all() and mask[2].all()
-    assert stats == {"num_prompts": 3, "num_truncated": 2, "num_dropped": 0}
+    assert stats == {"num_prompts": 3, "num_truncated": 2, "num_dropped": 0, "kept": [0, 1, 2]}
 
     tokens, mask, stats = chat_tok.encode_prompts(rows, max_prompt_length=width, truncation="drop")
     assert tokens.shape == (1, width)
     assert tokens[0][mask[0] == 1].tolist() == chat_tok.encode(short)
-    assert stats == {"num_prompts": 3, "num_truncated": 0, "num_dropped": 2}
+    assert stats == {"num_prompts": 3, "num_truncated": 0, "num_dropped": 2, "kept": [1]}
 
     # A prompt of exactly max_prompt_length is neither truncated nor dropped.
     exact = chat_tok.encode_prompts([long], max_prompt_length=len(long_ids), truncation="drop")

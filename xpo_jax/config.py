@@ -147,6 +147,19 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
 
+# Options that may change when a run is resumed; any other difference would silently mix two runs.
+RESUME_MAY_DIFFER = frozenset(
+    {"rounds", "resume", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every"}
+)
+
+
+def check_resumable(saved: dict, now: dict) -> None:
+    """Raise ValueError listing the settings in which `now` differs from the checkpoint's `saved`."""
+    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUME_MAY_DIFFER and saved.get(k) != v}
+    if diff:
+        raise ValueError(f"--resume with a config that differs from the checkpoint's: {diff}")
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI flags from the dataclass
 # ----------------------------------------------------------------------------------------------

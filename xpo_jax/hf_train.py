@@ -83,8 +83,7 @@ class HFRun:
                                                         truncation=self.cfg.truncation)
             self.prompt_stats["num_truncated"] += stats["num_truncated"]
             self.prompt_stats["num_dropped"] += stats["num_dropped"]
-            kept = [r for r in batch if self.cfg.truncation != "drop" or len(self.tokenizer.encode_prompt(r)) <= self.cfg.max_prompt_length]
-            rows += kept
+            rows += [batch[i] for i in stats["kept"]]
             toks.append(t)
             masks.append(m)
         return rows[:B], np.concatenate(toks)[:B], np.concatenate(masks)[:B]

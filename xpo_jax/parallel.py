@@ -490,6 +490,7 @@ def train_sharded(cfg: Any, mesh: Mesh, run: Any = None, *, out_dir: Optional[st
     import json
     import math as _math
 
+    from xpo_jax.config import check_resumable
     from xpo_jax.train import build_run
 
     if getattr(cfg, "policy", None) is not None and run is None:
@@ -506,7 +507,7 @@ def train_sharded(cfg: Any, mesh: Mesh, run: Any = None, *, out_dir: Optional[st
         ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
         if cfg.resume and ckpt.latest_round() is not None:
             state, saved, pos = ckpt.restore(abstract_state(run, mesh, min_size=min_size))
-            _check_resumable(saved, cfg.to_dict())
+            check_resumable(saved, cfg.to_dict())
             start = int(pos["round"])
         if lead:  # epath: local folders and gs:// buckets alike (orbax's own path type)
             from etils import epath
@@ -551,16 +552,6 @@ def train_sharded(cfg: Any, mesh: Mesh, run: Any = None, *, out_dir: Optional[st
         if ckpt is not None:
             ckpt.close()
     return state, history
-
-
-_RESUME_MAY_DIFFER = {"rounds", "resume", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every"}
-
-
-def _check_resumable(saved: dict, now: dict) -> None:
-    """Resuming with other algorithm settings would silently mix two runs (as the Trainer)."""
-    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in _RESUME_MAY_DIFFER and saved.get(k) != v}
-    if diff:
-        raise ValueError(f"resume with a config that differs from the checkpoint's: {diff}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

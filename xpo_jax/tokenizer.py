@@ -218,7 +218,8 @@ class TextTokenizer:
         Returns:
           tokens: [B, P] int32, left-padded with pad_id (B = rows kept).
           mask: [B, P] int32, 1 on prompt tokens, 0 on padding.
-          stats: {"num_prompts": rows given, "num_truncated", "num_dropped"}, for metrics.
+          stats: {"num_prompts": rows given, "num_truncated", "num_dropped"} for metrics, and
+            "kept": the indices of the rows in `tokens`, in order (all of them unless dropped).
         """
         is_int = isinstance(max_prompt_length, (int, np.integer)) and not isinstance(max_prompt_length, bool)
         if not is_int or max_prompt_length <= 0:
@@ -229,6 +230,7 @@ class TextTokenizer:
             raise ValueError(f"{self.name} has neither a pad nor an eos token to pad prompts with")
         width = int(max_prompt_length)
         kept: list[list[int]] = []
+        kept_rows: list[int] = []
         num_truncated = num_dropped = 0
         for i, row in enumerate(rows):
             ids = self.encode_prompt(row)
@@ -241,12 +243,14 @@ class TextTokenizer:
                 ids = ids[-width:]
                 num_truncated += 1
             kept.append(ids)
+            kept_rows.append(i)
         tokens = np.full((len(kept), width), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(kept), width), dtype=np.int32)
         for b, ids in enumerate(kept):
             tokens[b, width - len(ids) :] = ids
             mask[b, width - len(ids) :] = 1
-        stats = {"num_prompts": len(rows), "num_truncated": num_truncated, "num_dropped": num_dropped}
+        stats = {"num_prompts": len(rows), "num_truncated": num_truncated, "num_dropped": num_dropped,
+                 "kept": kept_rows}
         return tokens, mask, stats
 
     def __repr__(self) -> str:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xpo_jax.config import TrainConfig
+from xpo_jax.config import TrainConfig, check_resumable
 from xpo_jax.models.transformer import Transformer
 from xpo_jax.oracles import reward_fn_oracle
 from xpo_jax.round import RoundFns, make_optimizer, make_round
@@ -189,7 +189,7 @@ class Trainer:
         start = 0
         if cfg.resume and ckpt.latest_round() is not None:
             state, saved_cfg, data = ckpt.restore(state)
-            self._check_resumable(saved_cfg)
+            check_resumable(saved_cfg, cfg.to_dict())
             start = int(data["round"])
             run.restore_data_position(data)
             print(f"resumed from {ckpt.directory}/{start} (round {start} of {cfg.rounds})", flush=True)
@@ -246,14 +246,6 @@ class Trainer:
         self.state = state
         summary = self._summarise(last_saved)
         return summary
-
-    def _check_resumable(self, saved: dict) -> None:
-        """Resuming with different algorithm settings would silently mix two runs."""
-        now = self.cfg.to_dict()
-        ignore = {"rounds", "resume", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every"}
-        diff = {k: (saved.get(k), now[k]) for k in now if k not in ignore and saved.get(k) != now[k]}
-        if diff:
-            raise ValueError(f"--resume with a config that differs from the checkpoint's: {diff}")
 
     # -- output ---------------------------------------------------------------------------
 
