@@ -283,7 +283,6 @@ def copy_bandwidth(nbytes=1 << 30):
 
 def gpu_part(args):
     import jax
-    import numpy as np
 
     from xpo_jax.models import get_config, init_params
 

@@ -247,7 +247,7 @@ def write(result: dict) -> None:
         json.dump(result, f, indent=1)
     g = result.get("grid_bench")
     la = ", ".join(f"{x:.1f}" for x in result["load_average_before"])
-    lines = [f"# Sweep benchmark: one vmapped program vs sequential runs", "",
+    lines = ["# Sweep benchmark: one vmapped program vs sequential runs", "",
              f"{result['machine']}, {result['date']}, jax {result['jax']}. Command: `{result['command']}`. "
              f"Other jobs shared the cores (load average {la} at the start), so timings are noisy.", ""]
     if g:

@@ -66,7 +66,7 @@ def write_markdown(path, cfg, final, alphas, betas, seeds, timing, machine, date
 
     def table(metric, fmt="{:.3f}", what=""):
         a_, b_, mean, std = seed_table(final, metric)
-        rows = [f"| alpha \\ beta | " + " | ".join(f"{b:g}" for b in b_) + " |", "|---|" + "---|" * len(b_)]
+        rows = ["| alpha \\ beta | " + " | ".join(f"{b:g}" for b in b_) + " |", "|---|" + "---|" * len(b_)]
         for i, a in enumerate(a_):
             rows.append(f"| {a:g}{' (online DPO)' if a == 0 else ''} | "
                         + " | ".join(f"{fmt.format(mean[i, j])} ± {fmt.format(std[i, j])}" for j in range(len(b_)))

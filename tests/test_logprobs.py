@@ -80,11 +80,12 @@ def test_response_mask_keeps_eos_and_masks_after():
 
 
 def test_sequence_and_completion_logprobs_left_and_right_padding():
-    """Left-padded prompt + right-padded response: only response tokens under the mask count."""
+    """Right-padded responses after a (left-padded, fixed-width) prompt: only response tokens under
+    the mask count, read from the logits one position earlier. The prompt's padding does not enter
+    here (the model's positions handle it; tests/test_transformer.py checks that)."""
     rng = np.random.default_rng(4)
     B, P, N, V = 2, 4, 5, 11
     logits = rng.normal(0, 2, (B, P + N, V)).astype(np.float32)
-    prompt = np.array([[0, 0, 3, 4], [1, 3, 4, 5]])  # row 0 left-padded
     completion = np.array([[6, 7, 2, 0, 0], [6, 2, 0, 0, 0]])
     cmask = response_mask(completion, eos_id=2, pad_id=0)
     lp_tok, lp_seq = completion_logprobs(logits, completion, cmask)

@@ -17,9 +17,8 @@ re-encoded with the reward model's own tokenizer and chat template before scorin
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

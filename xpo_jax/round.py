@@ -14,7 +14,6 @@ halves; the fused round is the same two halves, not a copy.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, NamedTuple, Optional
 
 import jax

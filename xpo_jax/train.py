@@ -18,7 +18,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from xpo_jax.config import TrainConfig, check_resumable
 from xpo_jax.models.transformer import Transformer
