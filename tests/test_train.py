@@ -52,6 +52,16 @@ def test_outputs_and_summary(straight):
     assert Checkpointer(str(out / "checkpoints")).latest_round() == 6
 
 
+def test_a_new_run_never_lands_on_an_earlier_runs_checkpoints(run, straight):
+    _, _, out = straight
+    cfg = dataclasses.replace(CFG, run_dir=str(out.parent), name=out.name)
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run: pass --resume"):
+        Trainer(cfg, run=run)
+    assert Checkpointer(str(out / "checkpoints")).latest_round() == 6  # untouched
+    Trainer(dataclasses.replace(cfg, overwrite=True, rounds=1, eval_every=0), run=run)
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
 def test_pure_train_equals_host_loop(run, straight):
     """make_train's lax.scan and the Trainer's Python loop run the same rounds."""
     t, _, _ = straight

@@ -43,7 +43,12 @@ def _train(args) -> int:
     from xpo_jax.train import NonFiniteLoss, Trainer
 
     try:
-        summary = Trainer(cfg).run()
+        trainer = Trainer(cfg)
+    except ValueError as e:  # e.g. an earlier run's checkpoints in the way
+        print(f"xpo-jax train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = trainer.run()
     except NonFiniteLoss as e:
         print(f"xpo-jax train: {e}", file=sys.stderr)
         return 3

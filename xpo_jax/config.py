@@ -65,6 +65,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # save every this many rounds (0 = only at the end)
     keep_checkpoints: int = 2  # checkpoints kept on disk
     resume: bool = False  # continue from <run_dir>/<name>/checkpoints
+    overwrite: bool = False  # start afresh, deleting <run_dir>/<name>'s checkpoints and metrics
     tensorboard: bool = True  # write TensorBoard events (needs tensorboardX)
     progress: bool = True  # tqdm progress bar
 
@@ -149,7 +150,7 @@ class TrainConfig:
 
 # Options that may change when a run is resumed; any other difference would silently mix two runs.
 RESUME_MAY_DIFFER = frozenset(
-    {"rounds", "resume", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every"}
+    {"rounds", "resume", "overwrite", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every"}
 )
 
 

@@ -155,12 +155,32 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run: Optional[Run] = None):
         self.cfg = cfg.validate()
         self.out = os.path.join(cfg.run_dir, cfg.name)
+        self._claim_run_dir()  # before the (slow) build: a clash is reported at once
         self.run_ = run or build_run(cfg)
         self._stop_signal: Optional[int] = None
         self._step = self.run_.make_host_step(jax.random.PRNGKey(cfg.seed))
         self._eval = jax.jit(self.run_.exact_eval) if self.run_.has_exact_eval else None
 
     # -- pieces ---------------------------------------------------------------------------
+
+    def _claim_run_dir(self) -> None:
+        """Refuse to start a new run on top of an earlier run's checkpoints (orbax would refuse
+        to save over them only at the end of training), unless --resume or --overwrite."""
+        ckpt_dir = os.path.join(self.out, "checkpoints")
+        earlier = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+        if not earlier or self.cfg.resume:
+            return
+        if not self.cfg.overwrite:
+            raise ValueError(
+                f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                f"--overwrite to start afresh (deletes them), or another --name"
+            )
+        import shutil
+
+        shutil.rmtree(ckpt_dir)
+        for f in os.listdir(self.out):
+            if f == "metrics.jsonl" or f.startswith("events.out.tfevents"):
+                os.remove(os.path.join(self.out, f))
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
@@ -192,8 +212,8 @@ class Trainer:
             start = int(data["round"])
             run.restore_data_position(data)
             print(f"resumed from {ckpt.directory}/{start} (round {start} of {cfg.rounds})", flush=True)
-        elif os.path.exists(os.path.join(self.out, "metrics.jsonl")) and not cfg.resume:
-            os.remove(os.path.join(self.out, "metrics.jsonl"))
+        elif os.path.exists(os.path.join(self.out, "metrics.jsonl")):
+            os.remove(os.path.join(self.out, "metrics.jsonl"))  # a run that never saved: start the log afresh
         with open(os.path.join(self.out, "config.json"), "w") as f:
             f.write(cfg.to_json())
 
