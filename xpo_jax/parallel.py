@@ -211,7 +211,7 @@ def host_prompts(run: Any, mesh: Mesh, data_key: Array, round_idx: int):
     The synthetic tasks draw the whole batch from (data_key, round) (tiny), so every host draws
     it and keeps its own rows; a dataset reader would read only `host_batch_slice` rows."""
     B = run.cfg.batch_size
-    prompts, mask = jax.device_get(run.task.sample_prompts(jax.random.fold_in(data_key, round_idx), B))
+    prompts, mask = jax.device_get(run.prompts_for(data_key, round_idx))
     rows = host_batch_slice(mesh, B)
     return shard_batch(mesh, prompts[rows], mask[rows], global_batch_size=B)
 
@@ -500,6 +500,8 @@ def train_sharded(cfg: Any, mesh: Mesh, run: Any = None, *, out_dir: Optional[st
     key = jax.random.PRNGKey(cfg.seed)
     data_key = run.data_key(key)
     sharded = shard_round(run, mesh, min_size=min_size, donate=True)
+    # Jitted once, outside the loop: a fresh jax.jit per evaluation would recompile each time.
+    evaluate = jax.jit(run.evaluate) if getattr(run, "has_exact_eval", False) else None
     state, start, ckpt, log = None, 0, None, None
     if out_dir is not None:
         from xpo_jax.checkpoint import Checkpointer
@@ -532,10 +534,9 @@ def train_sharded(cfg: Any, mesh: Mesh, run: Any = None, *, out_dir: Optional[st
                 raise FloatingPointError(f"round {r + 1}: loss {m['loss']}; stopping (nothing saved for it)")
             m["round"] = r + 1
             due = cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds)
-            if due and getattr(run, "has_exact_eval", True) and hasattr(run, "exact_eval"):
-                _, beta = state.hparams.scheduled(state.round - 1, cfg.rounds)
+            if due and evaluate is not None:
                 with jax.set_mesh(mesh):
-                    m.update({k: float(v) for k, v in gather(jax.jit(run.exact_eval)(state.params, beta)).items()})
+                    m.update({k: float(v) for k, v in gather(evaluate(state)).items()})
             history.append(m)
             if log is not None:
                 log.write(json.dumps(m) + "\n")

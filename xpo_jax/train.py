@@ -57,11 +57,14 @@ class Run:
     def data_key(self, key: Array) -> Array:
         return jax.random.fold_in(key, 0x5EED)
 
+    def prompts_for(self, data_key: Array, round_idx) -> tuple[Array, Array]:
+        """The prompts of round `round_idx`: a pure function of (data_key, round), so a resumed
+        run, or every host of a multi-host run, draws the same ones."""
+        return self.task.sample_prompts(jax.random.fold_in(data_key, round_idx), self.cfg.batch_size)
+
     def round_with_prompts(self, state: XPOState, data_key: Array):
-        """Draw this round's prompts from (data_key, round) and run the fused round: the prompts
-        are a pure function of the round counter, so a resumed run sees the same ones."""
-        prompts, mask = self.task.sample_prompts(jax.random.fold_in(data_key, state.round), self.cfg.batch_size)
-        return self.fns.round_fn(state, prompts, mask)
+        """This round's prompts and the fused round, one program."""
+        return self.fns.round_fn(state, *self.prompts_for(data_key, state.round))
 
     # -- the host loop's interface (also implemented by xpo_jax.hf_train.HFRun) ------------
 
@@ -82,6 +85,12 @@ class Run:
     def exact_eval(self, params: Any, beta: Array) -> dict:
         out = self.task.exact_eval(self.apply_fn, params, self.ref_params, beta)
         return {f"eval/{k}": out[k] for k in ("reward", "kl", "j_beta", "p_optimal", "j_star")}
+
+    def evaluate(self, state: XPOState) -> dict:
+        """Exact evaluation of the state's policy at the beta of its last completed round (the
+        schedule clips round -1, the reference's evaluation, to round 0)."""
+        _, beta = state.hparams.scheduled(state.round - 1, self.cfg.rounds)
+        return self.exact_eval(state.params, beta)
 
 
 def build_run(cfg: TrainConfig):
@@ -119,10 +128,6 @@ def make_train(cfg: TrainConfig, run: Optional[Run] = None) -> Callable:
     run = run or build_run(cfg)
     R, every = cfg.rounds, cfg.eval_every
 
-    def evaluate(state):
-        _, beta = state.hparams.scheduled(state.round - 1, R)
-        return run.exact_eval(state.params, beta)
-
     def train(key: Array, hparams: Hyperparams):
         state = run.init_state(key, hparams)
         data_key = run.data_key(key)
@@ -132,7 +137,7 @@ def make_train(cfg: TrainConfig, run: Optional[Run] = None) -> Callable:
             if every:
                 due = (state.round % every == 0) | (state.round == R)
                 nan = {k: jnp.full((), jnp.nan, jnp.float32) for k in EVAL_KEYS}
-                metrics.update(jax.lax.cond(due, evaluate, lambda s: nan, state))
+                metrics.update(jax.lax.cond(due, run.evaluate, lambda s: nan, state))
             return state, metrics
 
         return jax.lax.scan(body, state, None, length=R)
@@ -159,7 +164,7 @@ class Trainer:
         self.run_ = run or build_run(cfg)
         self._stop_signal: Optional[int] = None
         self._step = self.run_.make_host_step(jax.random.PRNGKey(cfg.seed))
-        self._eval = jax.jit(self.run_.exact_eval) if self.run_.has_exact_eval else None
+        self._eval = jax.jit(self.run_.evaluate) if self.run_.has_exact_eval else None
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -185,9 +190,8 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
-    def _evaluate(self, state: XPOState, round_idx: int) -> dict:
-        _, beta = state.hparams.scheduled(jnp.asarray(max(round_idx - 1, 0)), self.cfg.rounds)
-        return {k: float(v) for k, v in jax.device_get(self._eval(state.params, beta)).items()}
+    def _evaluate(self, state: XPOState) -> dict:
+        return {k: float(v) for k, v in jax.device_get(self._eval(state)).items()}
 
     def _should_eval(self, r: int) -> bool:
         every = self.cfg.eval_every if self._eval is not None else 0
@@ -222,7 +226,7 @@ class Trainer:
         bar = self._progress(start)
         old_handler = signal.signal(signal.SIGTERM, self._on_signal)
         if start == 0 and self._eval is not None and cfg.eval_every:
-            ref_eval = self._evaluate(state, 0)
+            ref_eval = self._evaluate(state)
             self._write(log, writer, {"round": 0, **ref_eval})
         last_saved = start
         end = cfg.rounds if stop_after is None else min(cfg.rounds, start + stop_after)
@@ -237,7 +241,7 @@ class Trainer:
                         f"checkpoint (round {ckpt.latest_round()}) is untouched."
                     )
                 if self._should_eval(r):
-                    m.update(self._evaluate(state, r))
+                    m.update(self._evaluate(state))
                 m["round"] = r
                 m["time/elapsed_s"] = time.perf_counter() - t0
                 self._write(log, writer, m)
