@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax.test_util import check_grads
 
-from xpo_jax.losses import LOSS_TYPES, dpo_loss, xpo_bonus, xpo_loss
+from xpo_jax.losses import LOSS_TYPES, dpo_loss, vmax_clip_bounds, xpo_bonus, xpo_loss
 
 # ------------------------------------------------------------------------------------------------
 # Independent float64 references, written from the papers' formulas (not from losses.py).
@@ -23,7 +23,8 @@ def np_sig(x):
     return np.exp(np_logsig(x))
 
 
-def ref_dpo(hw, hl, beta, loss_type, eps=0.0, tau=0.05):
+def ref_dpo(hw, hl, beta, loss_type, eps=0.0, tau=0.05, ref_w=None, ref_l=None, bco_delta=None):
+    """ref_w, ref_l: the reference's log pi_ref(y_w), log pi_ref(y_l) (only `aot` reads them)."""
     hw, hl = np.float64(hw), np.float64(hl)
     d = hw - hl
     if loss_type == "sigmoid":  # DPO / cDPO: expected BCE against the smoothed label
@@ -43,9 +44,18 @@ def ref_dpo(hw, hl, beta, loss_type, eps=0.0, tau=0.05):
         return -np_logsig(rw) - 0.5 * np_logsig(-rw) - 0.5 * np_logsig(-rl)
     if loss_type == "sppo_hard":  # P(win) = 1: targets +-1/2 for beta * h
         return (hw - 1 / (2 * beta)) ** 2 + (hl + 1 / (2 * beta)) ** 2
-    if loss_type == "aot_pair":
+    if loss_type == "aot":  # AOT paired: sorted policy margins against sorted reference margins
+        ref_w, ref_l = np.float64(ref_w), np.float64(ref_l)
+        pi_w, pi_l = hw + ref_w, hl + ref_l
+        z = beta * (np.sort(pi_w - pi_l) - np.sort(ref_w - ref_l))
+        return -(1 - eps) * np_logsig(z) - eps * np_logsig(-z)
+    if loss_type == "aot_unpaired":  # AOT unpaired: chosen and rejected log-ratios sorted apart
         z = beta * (np.sort(hw) - np.sort(hl))
         return -(1 - eps) * np_logsig(z) - eps * np_logsig(-z)
+    if loss_type == "bco_pair":  # BCO rewards against a baseline delta (batch mean when not given)
+        rw, rl = beta * hw, beta * hl
+        delta = np.mean(np.concatenate([rw, rl])) if bco_delta is None else bco_delta
+        return -np_logsig(rw - delta) - np_logsig(-(rl - delta))
     if loss_type == "apo_zero":
         return (1 - np_sig(beta * hw)) + np_sig(beta * hl)
     if loss_type == "apo_down":
@@ -88,6 +98,15 @@ def make_logratios(seed, scale=1.0, dtype=np.float32):
     return hw, hl
 
 
+def make_refs(seed, dtype=np.float32):
+    """Reference sequence log-probs log pi_ref(y_w), log pi_ref(y_l) (for `aot`)."""
+    rng = np.random.default_rng(1000 + seed)
+    return rng.normal(-30, 8, B).astype(dtype), rng.normal(-30, 8, B).astype(dtype)
+
+
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # losses that read label_smoothing
+
+
 @functools.lru_cache(maxsize=None)
 def jitted_dpo(loss_type):
     return jax.jit(functools.partial(dpo_loss, loss_type=loss_type))
@@ -97,11 +116,12 @@ def jitted_dpo(loss_type):
 @pytest.mark.parametrize("scale", [0.1, 1.0, 50.0])
 def test_dpo_loss_matches_float64_formula(loss_type, scale):
     hw, hl = make_logratios(1, scale)
+    ref_w, ref_l = make_refs(1)
     for beta, eps in [(0.1, 0.0), (0.5, 0.2), (2.0, 0.0)]:
-        if loss_type in ("ipo", "sppo_hard", "hinge", "nca_pair", "apo_zero", "apo_down", "discopop"):
+        if loss_type not in SMOOTHED:
             eps = 0.0  # these losses take no label smoothing
-        got = np.asarray(jitted_dpo(loss_type)(hw, hl, beta=beta, label_smoothing=eps))
-        want = ref_dpo(hw, hl, beta, loss_type, eps)
+        got = np.asarray(jitted_dpo(loss_type)(hw, hl, beta=beta, label_smoothing=eps, ref_margins=ref_w - ref_l))
+        want = ref_dpo(hw, hl, beta, loss_type, eps, ref_w=ref_w, ref_l=ref_l)
         assert got.shape == (B,)
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(want).max() * 1e-2))
@@ -110,19 +130,24 @@ def test_dpo_loss_matches_float64_formula(loss_type, scale):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_dpo_loss_float64_to_last_digits(loss_type):
     hw, hl = make_logratios(2, 5.0, np.float64)
+    ref_w, ref_l = make_refs(2, np.float64)
     with jax.enable_x64(True):
-        got = np.asarray(dpo_loss(jnp.asarray(hw), jnp.asarray(hl), beta=0.3, loss_type=loss_type, label_smoothing=0.1))
-    eps = 0.1 if loss_type in ("sigmoid", "robust", "exo_pair", "aot_pair") else 0.0
-    np.testing.assert_allclose(got, ref_dpo(hw, hl, 0.3, loss_type, eps), rtol=1e-12, atol=1e-12)
+        got = np.asarray(dpo_loss(
+            jnp.asarray(hw), jnp.asarray(hl), beta=0.3, loss_type=loss_type, label_smoothing=0.1,
+            ref_margins=jnp.asarray(ref_w - ref_l),
+        ))
+    eps = 0.1 if loss_type in SMOOTHED else 0.0
+    np.testing.assert_allclose(got, ref_dpo(hw, hl, 0.3, loss_type, eps, ref_w=ref_w, ref_l=ref_l), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_huge_margins_stay_finite(loss_type):
     hw = np.array([1e4, -1e4, 3e3, -3e3, 0.0, 1e-8], np.float32)
     hl = np.array([-1e4, 1e4, -3e3, 3e3, 0.0, 0.0], np.float32)
-    out = np.asarray(dpo_loss(hw, hl, beta=1.0, loss_type=loss_type))
+    rm = np.array([5e3, -5e3, 1e3, 0.0, -1e3, 0.0], np.float32)
+    out = np.asarray(dpo_loss(hw, hl, beta=1.0, loss_type=loss_type, ref_margins=rm))
     assert np.all(np.isfinite(out)), (loss_type, out)
-    g = jax.grad(lambda a: dpo_loss(a, jnp.asarray(hl), beta=1.0, loss_type=loss_type).sum())(jnp.asarray(hw))
+    g = jax.grad(lambda a: dpo_loss(a, jnp.asarray(hl), beta=1.0, loss_type=loss_type, ref_margins=rm).sum())(jnp.asarray(hw))
     assert np.all(np.isfinite(np.asarray(g))), (loss_type, g)
 
 
@@ -151,12 +176,79 @@ def test_known_values_and_limits():
     )
 
 
-def test_aot_pair_sorts_over_batch():
+def test_aot_unpaired_sorts_over_batch():
     hw = np.array([3.0, 1.0, 2.0], np.float32)
     hl = np.array([0.0, 2.0, 1.0], np.float32)
-    got = dpo_loss(hw, hl, beta=1.0, loss_type="aot_pair")
+    got = dpo_loss(hw, hl, beta=1.0, loss_type="aot_unpaired")
     # sorted hw = [1, 2, 3], sorted hl = [0, 1, 2] -> margins all 1.
     np.testing.assert_allclose(got, -np_logsig(np.ones(3)), rtol=1e-6)
+
+
+def test_aot_sorts_policy_and_reference_margins_apart():
+    # Policy margins m = pi_w - pi_l = [3, 1, 2], reference margins m_ref = ref_w - ref_l = [0, 5, 1]:
+    # sort(m) - sort(m_ref) = [1, 2, 3] - [0, 1, 5] = [1, 1, -2].
+    pi_w, pi_l = np.array([3.0, 4.0, 0.0]), np.array([0.0, 3.0, -2.0])
+    ref_w, ref_l = np.array([1.0, 6.0, 0.5]), np.array([1.0, 1.0, -0.5])
+    hw, hl, m_ref = pi_w - ref_w, pi_l - ref_l, ref_w - ref_l
+    want_d = np.array([1.0, 1.0, -2.0])
+    m = pi_w - pi_l
+    # Each plausible mistake gives other margins: no sort (DPO), sorting the difference, sorting one
+    # side only, or sorting the log-ratios (aot_unpaired).
+    for wrong in (m - m_ref, np.sort(m - m_ref), np.sort(m) - m_ref, m - np.sort(m_ref), np.sort(hw) - np.sort(hl)):
+        assert not np.allclose(wrong, want_d), wrong
+    f = jax.jit(functools.partial(dpo_loss, loss_type="aot"))
+    for eps in (0.0, 0.2):
+        got = f(*(jnp.asarray(v, jnp.float32) for v in (hw, hl)), beta=0.5, label_smoothing=eps,
+                ref_margins=jnp.asarray(m_ref, jnp.float32))
+        want = -(1 - eps) * np_logsig(0.5 * want_d) - eps * np_logsig(-0.5 * want_d)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    # Sorting makes the loss (in rank order) independent of the order of the examples.
+    perm = np.array([2, 0, 1])
+    np.testing.assert_allclose(
+        f(hw[perm].astype(np.float32), hl[perm].astype(np.float32), beta=0.5, ref_margins=m_ref[perm].astype(np.float32)),
+        f(hw.astype(np.float32), hl.astype(np.float32), beta=0.5, ref_margins=m_ref.astype(np.float32)),
+        rtol=1e-6,
+    )
+
+
+def test_bco_pair_baseline():
+    hw, hl = make_logratios(13)
+    rw, rl = 0.2 * np.float64(hw), 0.2 * np.float64(hl)
+    delta = np.mean(np.concatenate([rw, rl]))
+    f = jitted_dpo("bco_pair")
+    # Default baseline: the batch mean of the rewards; by hand against BCO's formula.
+    np.testing.assert_allclose(f(hw, hl, beta=0.2), -np_logsig(rw - delta) - np_logsig(delta - rl), rtol=1e-5)
+    # A given baseline (TRL's running mean, or 0 for later TRL releases) replaces it, traced or not.
+    for d in (0.0, 0.7):
+        np.testing.assert_allclose(f(hw, hl, beta=0.2, bco_delta=d), -np_logsig(rw - d) - np_logsig(d - rl), rtol=1e-5)
+    # The batch-mean baseline is detached: the gradient equals the one with delta fixed to its value...
+    with jax.enable_x64(True):
+        a, b = jnp.asarray(hw, jnp.float64), jnp.asarray(hl, jnp.float64)
+        g_default = jax.grad(lambda x: dpo_loss(x, b, beta=0.2, loss_type="bco_pair").sum())(a)
+        g_fixed = jax.grad(lambda x: dpo_loss(x, b, beta=0.2, loss_type="bco_pair", bco_delta=delta).sum())(a)
+        np.testing.assert_allclose(g_default, g_fixed, rtol=1e-12)
+
+        # ...and not the one obtained by differentiating through the mean.
+        def attached(x):
+            r_w, r_l = 0.2 * x, 0.2 * b
+            dl = jnp.mean(jnp.concatenate([r_w, r_l]))
+            return (-jax.nn.log_sigmoid(r_w - dl) - jax.nn.log_sigmoid(dl - r_l)).sum()
+
+        assert not np.allclose(g_default, jax.grad(attached)(a), rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired", "bco_pair"])
+def test_batch_coupled_losses_vmap_over_beta(loss_type):
+    hw, hl = make_logratios(14)
+    ref_w, ref_l = make_refs(14)
+    betas = np.array([0.05, 0.3, 1.5], np.float32)
+    fn = jax.jit(jax.vmap(
+        lambda b: dpo_loss(hw, hl, beta=b, loss_type=loss_type, label_smoothing=0.1, ref_margins=ref_w - ref_l)
+    ))
+    got = np.asarray(fn(betas))
+    eps = 0.1 if loss_type in SMOOTHED else 0.0
+    want = np.stack([ref_dpo(hw, hl, float(b), loss_type, eps, ref_w=ref_w, ref_l=ref_l) for b in betas])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,28 +316,116 @@ def test_alpha_zero_is_online_dpo_and_ties_go_to_y():
     np.testing.assert_allclose(mt["logps/chosen"], x["pi_y"])
 
 
-def test_xpo_bonus_variants():
-    pi = np.array([-5.0, -1.0, -20.0], np.float32)
-    ref = np.array([-4.0, -3.0, -2.0], np.float32)
-    np.testing.assert_allclose(xpo_bonus(pi, alpha=0.1), 0.1 * pi, rtol=1e-6)
-    np.testing.assert_allclose(xpo_bonus(pi, alpha=0.1, ref_ytilde=ref), 0.1 * (pi - ref), rtol=1e-6)
-    np.testing.assert_allclose(
-        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip=1.5), 0.1 * np.clip(pi - ref, -1.5, 1.5), rtol=1e-6
-    )
-    n = np.array([5, 0, 10])
-    np.testing.assert_allclose(xpo_bonus(pi, alpha=0.1, num_tokens=n), 0.1 * pi / np.maximum(n, 1), rtol=1e-6)
+def test_xpo_loss_aot_uses_reference_margins_of_the_ordered_pair():
+    x = make_xpo_inputs(15)
+    _, m = xpo_jit(**x, alpha=0.0, beta=0.1, loss_type="aot", label_smoothing=0.1)
+    # TRL's "aot" on (chosen, rejected) sequence log-probs, the pair ordered by the oracle.
+    w = x["y_wins"]
+    f64 = {k: np.float64(v) for k, v in x.items() if k != "y_wins"}
+    pc, pr = np.where(w, f64["pi_y"], f64["pi_ytilde"]), np.where(w, f64["pi_ytilde"], f64["pi_y"])
+    rc, rr = np.where(w, f64["ref_y"], f64["ref_ytilde"]), np.where(w, f64["ref_ytilde"], f64["ref_y"])
+    want = ref_dpo(pc - rc, pr - rr, 0.1, "aot", 0.1, ref_w=rc, ref_l=rr)
+    np.testing.assert_allclose(m["loss/dpo"], want, rtol=1e-5, atol=1e-6)
+    # bco_delta reaches dpo_loss.
+    _, mb = xpo_jit(**x, alpha=0.0, beta=0.1, loss_type="bco_pair", bco_delta=0.3)
+    np.testing.assert_allclose(mb["loss/dpo"], ref_dpo(pc - rc, pr - rr, 0.1, "bco_pair", bco_delta=0.3), rtol=1e-5)
+
+
+PI_YT = np.array([-5.0, -1.0, -20.0, -3.2], np.float32)
+REF_YT = np.array([-4.0, -3.0, -2.0, -3.0], np.float32)  # log-ratios r = [-1, 2, -18, -0.2]
+
+
+def test_xpo_bonus_forms_against_float64():
+    pi, ref = PI_YT, REF_YT
+    r = np.float64(pi) - np.float64(ref)
+    a = 0.1
+    cases = [
+        (dict(), a * np.float64(pi)),  # TRL: unbounded log pi(y~)
+        (dict(ref_ytilde=ref), a * r),  # log-ratio, unclipped
+        (dict(ref_ytilde=ref, clip=1.5), a * np.clip(r, -1.5, 1.5)),
+        (dict(ref_ytilde=ref, clip_low=-0.5, clip_high=1.0), a * np.clip(r, -0.5, 1.0)),
+        (dict(ref_ytilde=ref, clip_low=-0.5), a * np.maximum(r, -0.5)),
+        (dict(ref_ytilde=ref, clip_high=1.0), a * np.minimum(r, 1.0)),
+        (dict(ref_ytilde=ref, clip_low=np.float32(-2.0), clip_high=jnp.float32(0.5)), a * np.clip(r, -2.0, 0.5)),
+    ]
+    for kw, want in cases:
+        np.testing.assert_allclose(xpo_bonus(pi, alpha=a, **kw), want, rtol=1e-6, err_msg=str(kw))
+    n = np.array([5, 0, 10, 2])
+    np.testing.assert_allclose(xpo_bonus(pi, alpha=a, num_tokens=n), a * pi / np.maximum(n, 1), rtol=1e-6)
+    lo, hi = vmax_clip_bounds(2.0, 0.5)
+    assert (lo, hi) == (-4.0, 4.0)
+
+
+def test_xpo_bonus_gradients():
+    # A one-parameter policy: log pi(y~_i) = c_i * theta + d_i, so grad log pi(y~_i) = c_i.
+    c = jnp.array([1.0, -2.0, 0.5, 3.0])
+    d = jnp.asarray(PI_YT)
+    ref = jnp.asarray(REF_YT)
+    alpha = 0.3
+
+    def jac(theta, **kw):
+        return jax.jacobian(lambda t: xpo_bonus(c * t + d, alpha=alpha, **kw))(theta)
+
+    theta = jnp.float32(0.0)
     # Sign: gradient descent on the bonus lowers log pi(y~).
-    assert float(jax.grad(lambda p: xpo_bonus(p, alpha=1.0).sum())(jnp.asarray(pi))[0]) > 0
-    # Clipped: no gradient once past the clip.
-    g = jax.grad(lambda p: xpo_bonus(p, alpha=1.0, ref_ytilde=jnp.asarray(ref), clip=1.5).sum())(jnp.asarray(pi))
-    np.testing.assert_allclose(g, [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(jac(theta), alpha * c, rtol=1e-6)
+    # TRL's log pi(y~) and the unclipped log-ratio differ only in value, not in gradient.
+    np.testing.assert_allclose(jac(theta, ref_ytilde=ref), jac(theta), rtol=1e-6)
+    # Clipped: alpha * grad log pi inside the window, 0 outside (r = [-1, 2, -18, -0.2]).
+    for kw, inside in [
+        (dict(clip=1.5), [True, False, False, True]),
+        (dict(clip_low=-0.5, clip_high=3.0), [False, True, False, True]),
+        (dict(clip_low=-1.5), [True, True, False, True]),
+        (dict(clip_high=0.0), [True, False, True, True]),
+    ]:
+        np.testing.assert_allclose(jac(theta, ref_ytilde=ref, **kw), alpha * c * np.array(inside), rtol=1e-6, err_msg=str(kw))
 
 
-def test_xpo_loss_with_clipped_bonus():
+def test_traced_clip_bounds_one_compilation_jit_and_vmap():
+    pi, ref = jnp.asarray(PI_YT), jnp.asarray(REF_YT)
+    r = np.float64(PI_YT) - np.float64(REF_YT)
+    v_max = 0.4
+
+    def bonus(beta):  # the paper's window [-V_max/beta, V_max/beta], traced with beta
+        lo, hi = vmax_clip_bounds(v_max, beta)
+        return xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=lo, clip_high=hi)
+
+    betas = [0.1, 0.25, 1.0, 4.0]
+    want = np.stack([0.1 * np.clip(r, -v_max / b, v_max / b) for b in betas])
+    one = jax.jit(bonus)
+    for b, w in zip(betas, want):
+        np.testing.assert_allclose(one(b), w, rtol=1e-6)
+    assert one._cache_size() == 1, "changing beta (hence the clip bounds) must not recompile"
+    np.testing.assert_allclose(jax.jit(jax.vmap(bonus))(jnp.asarray(betas)), want, rtol=1e-6)
+    # Through xpo_loss, with a one-sided traced bound too.
+    x = make_xpo_inputs(16)
+    rx = np.float64(x["pi_ytilde"]) - np.float64(x["ref_ytilde"])
+    loss_fn = jax.jit(lambda lo, hi: xpo_loss(**x, alpha=0.2, beta=0.1, bonus_clip_low=lo, bonus_clip_high=hi)[1]["loss/xpo"])
+    for lo, hi in [(-1.0, 2.0), (-3.0, 0.5)]:
+        np.testing.assert_allclose(loss_fn(lo, hi), 0.2 * np.clip(rx, lo, hi), rtol=1e-6)
+    assert loss_fn._cache_size() == 1
+    hi_only = jax.jit(lambda hi: xpo_loss(**x, alpha=0.2, beta=0.1, bonus_clip_high=hi)[1]["loss/xpo"])
+    np.testing.assert_allclose(hi_only(0.5), 0.2 * np.minimum(rx, 0.5), rtol=1e-6)
+
+
+xpo_jit_bonus = jax.jit(xpo_loss, static_argnames=("loss_type", "bonus_logratio"))
+
+
+def test_xpo_loss_bonus_forms():
     x = make_xpo_inputs(6)
-    loss, m = xpo_jit(**x, alpha=0.2, beta=0.1, bonus_clip=2.0)
-    want = 0.2 * np.clip(x["pi_ytilde"] - x["ref_ytilde"], -2.0, 2.0)
-    np.testing.assert_allclose(m["loss/xpo"], want, rtol=1e-6)
+    r = np.float64(x["pi_ytilde"]) - np.float64(x["ref_ytilde"])
+    cases = [
+        (dict(), 0.2 * np.float64(x["pi_ytilde"])),
+        (dict(bonus_logratio=True), 0.2 * r),
+        (dict(bonus_clip=2.0), 0.2 * np.clip(r, -2.0, 2.0)),
+        (dict(bonus_clip_low=-1.0, bonus_clip_high=3.0), 0.2 * np.clip(r, -1.0, 3.0)),
+        (dict(bonus_clip_low=-1.0), 0.2 * np.maximum(r, -1.0)),  # a bound implies the log-ratio form
+        (dict(bonus_logratio=True, bonus_clip_high=0.5), 0.2 * np.minimum(r, 0.5)),
+    ]
+    for kw, want in cases:
+        loss, m = xpo_jit_bonus(**x, alpha=0.2, beta=0.1, **kw)
+        np.testing.assert_allclose(m["loss/xpo"], want, rtol=1e-5, atol=1e-6, err_msg=str(kw))
+        np.testing.assert_allclose(loss, m["loss/dpo"] + m["loss/xpo"], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,15 +436,23 @@ def test_xpo_loss_with_clipped_bonus():
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_grads_match_finite_differences(loss_type):
     hw, hl = make_logratios(7, 1.0, np.float64)
+    ref_w, ref_l = make_refs(7, np.float64)
     if loss_type == "hinge":
         hw = hw + 20.0 * np.sign(hw - hl - 1 / 0.3)  # stay away from the kink at margin 1/beta
     with jax.enable_x64(True):
-        f = lambda a, b: dpo_loss(a, b, beta=0.3, loss_type=loss_type, label_smoothing=0.1 if loss_type != "exo_pair" else 0.05)
+        # bco_pair's default baseline is detached, which finite differences cannot see: fix it here
+        # (test_bco_pair_baseline checks the detached default against this fixed-delta gradient).
+        f = lambda a, b: dpo_loss(
+            a, b, beta=0.3, loss_type=loss_type, label_smoothing=0.1 if loss_type != "exo_pair" else 0.05,
+            ref_margins=jnp.asarray(ref_w - ref_l), bco_delta=0.25,
+        )
         check_grads(f, (jnp.asarray(hw), jnp.asarray(hl)), order=2, modes=["rev", "fwd"], atol=1e-6, rtol=1e-6)
         x = {k: (jnp.asarray(v, jnp.float64) if v.dtype != bool else jnp.asarray(v)) for k, v in make_xpo_inputs(8).items()}
 
         def g(pi_y, pi_ytilde):
-            return xpo_loss(**dict(x, pi_y=pi_y, pi_ytilde=pi_ytilde), alpha=0.01, beta=0.1)[0]
+            return xpo_loss(
+                **dict(x, pi_y=pi_y, pi_ytilde=pi_ytilde), alpha=0.01, beta=0.1, loss_type=loss_type, bco_delta=0.25
+            )[0]
 
         check_grads(g, (x["pi_y"], x["pi_ytilde"]), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
@@ -379,6 +567,40 @@ def test_bad_inputs_raise_clear_errors():
         xpo_bonus(x["pi_ytilde"], alpha=0.1, clip=1.0)
     with pytest.raises(ValueError, match="clip"):
         xpo_bonus(x["pi_ytilde"], alpha=0.1, ref_ytilde=x["ref_ytilde"], clip=0.0)
+    pi, ref = x["pi_ytilde"], x["ref_ytilde"]
+    with pytest.raises(ValueError, match="clip needs ref_ytilde"):
+        xpo_bonus(pi, alpha=0.1, clip_high=1.0)
+    with pytest.raises(ValueError, match=r"clip_low must be < clip_high, got clip_low=1.0, clip_high=-1.0"):
+        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=1.0, clip_high=-1.0)
+    with pytest.raises(ValueError, match=r"clip_low must be < clip_high, got clip_low=0.5, clip_high=0.5"):
+        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=0.5, clip_high=0.5)
+    with pytest.raises(ValueError, match="clip_high must be finite, got inf"):
+        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_high=float("inf"))
+    with pytest.raises(ValueError, match="clip_low must be finite, got nan"):
+        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=float("nan"))
+    with pytest.raises(ValueError, match=r"not both; got clip=1.0, clip_low=-0.5"):
+        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip=1.0, clip_low=-0.5)
+    with pytest.raises(AssertionError, match="clip_low must be a scalar"):
+        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=np.zeros(2))
+    with pytest.raises(ValueError, match="not both"):
+        xpo_loss(**x, alpha=0.1, beta=0.1, bonus_clip=1.0, bonus_clip_high=2.0)
+    with pytest.raises(ValueError, match="clip_low must be < clip_high"):
+        xpo_loss(**x, alpha=0.1, beta=0.1, bonus_clip_low=2.0, bonus_clip_high=1.0)
+    with pytest.raises(TypeError, match="bonus_logratio must be a Python bool"):
+        jax.jit(lambda flag: xpo_loss(**x, alpha=0.1, beta=0.1, bonus_logratio=flag))(True)
+    with pytest.raises(ValueError, match=r"v_max must lie in \(0.0, inf\], got 0"):
+        vmax_clip_bounds(0, 0.1)
+    with pytest.raises(ValueError, match="beta"):
+        vmax_clip_bounds(1.0, -0.1)
+    # The new losses' own arguments.
+    with pytest.raises(ValueError, match="loss_type 'aot' needs ref_margins"):
+        dpo_loss(hw, hl, beta=0.1, loss_type="aot")
+    with pytest.raises(AssertionError, match="one shape"):
+        dpo_loss(hw, hl, beta=0.1, loss_type="aot", ref_margins=hw[:-1])
+    with pytest.raises(AssertionError, match="bco_delta must be a scalar"):
+        dpo_loss(hw, hl, beta=0.1, loss_type="bco_pair", bco_delta=np.zeros(B, np.float32))
+    with pytest.raises(ValueError, match="bco_delta must be finite"):
+        dpo_loss(hw, hl, beta=0.1, loss_type="bco_pair", bco_delta=float("nan"))
     # Traced hyperparameters are not checked (no host round-trip) but still compute.
     out = jax.jit(lambda b: dpo_loss(hw, hl, beta=b))(0.1)
     assert np.all(np.isfinite(np.asarray(out)))

@@ -1,21 +1,23 @@
-"""Parallel equivalence: one device, 8-way data parallel, 4x2 data x fsdp, pmap over 8, and two
-real processes joined by jax.distributed all give the same parameters after 2 rounds, and the
-jit + sharding paths sample identical tokens.
+"""One trainer on any mesh: the sharding rules, the Trainer on 1 device / 4x2 / 8x1 meshes, resume
+onto another mesh shape, make_train on a mesh, pmap, and two real processes (jax.distributed)
+training tiny HF checkpoints and resuming them.
 
 Tolerance. Every path computes the same f32 math with different reduction orders (sharded
 matmuls and gradient all-reduces), so parameters agree to ~1e-6 after 2 AdamW steps of lr 3e-3
 (each step moves a weight by up to ~lr): we assert max |difference| <= PARAM_ATOL = 5e-5, 1.7% of
 one step, while the parameters themselves moved by ~6e-3. Sampled tokens must be identical
-(partitionable threefry: a sharded draw is bit-identical to the unsharded one).
+(partitionable threefry: a sharded draw is bit-identical to the unsharded one), so the sampled
+rewards are equal exactly.
 
 pmap cannot reproduce the one-device per-row noise (each device draws only its rows, from its own
 key), so pmap is checked two ways: (a) its update on the identical labelled pairs the one-device
-run sampled, and (b) its full round at temperature 0 (greedy sampling, no noise), where it must
-match the one-device round exactly.
+run sampled, and (b) its full round at temperature 0 (greedy sampling, no noise).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,56 +28,55 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multihost_worker import flatten, parallel_test_config
+from common import flatten, hf_test_config, make_tiny_hf, max_diff, parallel_test_config
 from xpo_jax import parallel as par
+from xpo_jax.checkpoint import Checkpointer
+from xpo_jax.run import build_run
+from xpo_jax.train import Trainer, make_train
 
 PARAM_ATOL = 5e-5
 ROUNDS = 2
 
 
-def max_diff(a, b) -> float:
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
-               zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+def rows_of(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_metrics(a: list, b: list, rtol=1e-4, atol=1e-5):
+    assert [r["round"] for r in a] == [r["round"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k.startswith("time/") or k == "rewards/accuracies":
+                continue  # wall time; and margin > 0, a step at 0 where round 1's margins sit (pi = pi_ref)
+            if k in ("task/reward", "objective/model_scores", "val/model_length", "val/y_wins"):
+                assert ra[k] == rb[k], (k, ra[k], rb[k])  # identical tokens
+            else:
+                np.testing.assert_allclose(ra[k], rb[k], rtol=rtol, atol=atol, err_msg=k)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from xpo_jax.train import build_run
-
-    cfg = parallel_test_config(rounds=ROUNDS)
+    cfg = parallel_test_config(rounds=ROUNDS, checkpoint_every=1)
     run = build_run(cfg)
     key = jax.random.PRNGKey(cfg.seed)
-    data_key = run.data_key(key)
-    state0 = run.init_state(key, run.hparams())
-    batches = [jax.device_get(run.task.sample_prompts(jax.random.fold_in(data_key, r), cfg.batch_size))
-               for r in range(ROUNDS)]
-    return dict(cfg=cfg, run=run, key=key, data_key=data_key, state0=state0, batches=batches)
+    return dict(cfg=cfg, run=run, key=key, state0=run.init_state(key, run.hparams()))
 
 
-def _run_sharded(setup, mesh, with_tokens=True):
-    """ROUNDS sharded rounds from state0; returns (final state, [(y, y~) tokens per round],
-    [states before each round], [metrics per round])."""
-    sharded = par.shard_round(setup["run"], mesh)
-    state = par.shard_state(setup["state0"], mesh)
-    tokens, states, history = [], [], []
-    for prompts, mask in setup["batches"]:
-        p, m = par.shard_batch(mesh, prompts, mask)
-        assert p.sharding == sharded.batch_sharding
-        states.append(state)
-        if with_tokens:  # make_pairs is the first half of round_fn: the round's own samples
-            _, pairs = sharded.make_pairs(state, p, m)
-            tokens.append((np.asarray(pairs.y.tokens), np.asarray(pairs.yt.tokens)))
-        state, metrics = sharded.round_fn(state, p, m)
-        history.append(jax.device_get(metrics))
-    assert np.isfinite(float(metrics["loss"]))
-    return state, tokens, states, history
+def train_on(setup, mesh, run_dir, name="p", **overrides):
+    import dataclasses
+
+    cfg = dataclasses.replace(setup["cfg"], run_dir=str(run_dir), name=name, **overrides)
+    t = Trainer(cfg, mesh=mesh, run=setup["run"] if not overrides else None)
+    t.run()
+    return t, rows_of(os.path.join(run_dir, name))
 
 
 @pytest.fixture(scope="module")
-def one_device(setup):
-    mesh = par.make_mesh(1, 1, devices=jax.devices()[:1])
-    state, tokens, states, history = _run_sharded(setup, mesh)
-    return dict(mesh=mesh, state=state, tokens=tokens, states=states, history=history)
+def one_device(setup, tmp_path_factory):
+    d = tmp_path_factory.mktemp("one")
+    t, rows = train_on(setup, par.make_mesh(1, 1, devices=jax.devices()[:1]), d)
+    return dict(trainer=t, rows=rows, dir=d)
 
 
 # -- rules ------------------------------------------------------------------------------------
@@ -122,12 +123,11 @@ def test_state_shardings_follow_params(setup):
     assert get(adam.mu).sharding.spec == P("fsdp", None) and get(adam.nu).sharding.spec == P("fsdp", None)
     assert state.params["lm_head"]["kernel"].sharding.spec == P()  # 32 x 7: small
     assert state.rng.sharding.spec == P() and state.hparams.alpha.sharding.spec == P()
-    # Each device holds half of a sharded weight.
     shard = get(state.params).addressable_shards[0]
-    assert shard.data.shape == (32, 32)
+    assert shard.data.shape == (32, 32)  # each device holds half of a sharded weight
 
 
-def test_host_batch_slice_and_shard_batch():
+def test_host_batch_slice_shard_batch_and_local_rows():
     mesh = par.make_mesh(4, 2)
     assert par.host_batch_slice(mesh, 16) == slice(0, 16)  # one process holds every row
     x = np.arange(16 * 3).reshape(16, 3)
@@ -135,6 +135,7 @@ def test_host_batch_slice_and_shard_batch():
     assert g.shape == (16, 3) and g.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
     assert {s.data.shape for s in g.addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(g), x)
+    np.testing.assert_array_equal(par.local_rows(g), x)
     with pytest.raises(ValueError, match="not divisible"):
         par.host_batch_slice(mesh, 12)
 
@@ -157,101 +158,128 @@ def test_initialize_distributed_errors(monkeypatch):
         par.initialize_distributed("localhost:1234", 2, 0)
 
 
-# -- equivalence ------------------------------------------------------------------------------
+def test_mesh_and_batch_errors_come_before_building(setup, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(setup["cfg"], run_dir=str(tmp_path), batch_size=12)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="--batch-size=12 must be divisible by the mesh's 8 devices"):
+        Trainer(cfg, mesh=par.make_mesh(4, 2))
+    with pytest.raises(ValueError, match="--batch-size"):
+        Trainer(dataclasses.replace(cfg, data=4, fsdp=2))
+    with pytest.raises(ValueError, match="--data=3 x --fsdp=2 = 6 devices, but 8"):
+        Trainer(dataclasses.replace(cfg, batch_size=12, data=3, fsdp=2))
+    assert time.perf_counter() - t0 < 2.0
+    assert not os.listdir(tmp_path)
+
+
+# -- the one trainer on several meshes --------------------------------------------------------
 
 
 def test_one_device_moves(setup, one_device):
-    moved = max_diff(one_device["state"].params, setup["state0"].params)
-    assert moved > 100 * PARAM_ATOL, moved  # the comparison below is not vacuous
-    assert int(one_device["state"].round) == ROUNDS
+    moved = max_diff(one_device["trainer"].state.params, setup["state0"].params)
+    assert moved > 100 * PARAM_ATOL, moved  # the comparisons below are not vacuous
+    assert int(one_device["trainer"].state.round) == ROUNDS
 
 
-def test_data_parallel_8_matches_one_device(setup, one_device):
-    # (Tokens: the batch is split over all 8 devices exactly as in the 4x2 test below.)
-    state, _, _, history = _run_sharded(setup, par.make_mesh(8, 1), with_tokens=False)
-    assert [m["task/reward"] for m in history] == [m["task/reward"] for m in one_device["history"]]
-    assert max_diff(state.params, one_device["state"].params) <= PARAM_ATOL
-    assert max_diff(state.opt_state, one_device["state"].opt_state) <= PARAM_ATOL
-    np.testing.assert_array_equal(np.asarray(state.rng), np.asarray(one_device["state"].rng))
+def test_trainer_on_4x2_mesh_matches_one_device(setup, one_device, tmp_path):
+    t, rows = train_on(setup, par.make_mesh(4, 2), tmp_path)
+    assert_same_metrics(rows, one_device["rows"])
+    assert max_diff(t.state.params, one_device["trainer"].state.params) <= PARAM_ATOL
+    assert max_diff(t.state.opt_state, one_device["trainer"].state.opt_state) <= PARAM_ATOL
+    kernel = t.state.params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 2}
 
 
-def test_data_fsdp_4x2_samples_identical_tokens(setup, one_device):
-    """Sampling with FSDP-sharded weights and a batch over all 8 devices: the one-device tokens
-    (the 4x2 parameters after 2 rounds are checked through sharded_train below)."""
-    mesh = par.make_mesh(4, 2)
-    sharded = par.shard_round(setup["run"], mesh)
-    for (prompts, mask), before, (y1, yt1) in zip(setup["batches"], one_device["states"], one_device["tokens"]):
-        state = par.shard_state(jax.device_get(before), mesh)
-        _, pairs = sharded.make_pairs(state, *par.shard_batch(mesh, prompts, mask))
-        assert pairs.y.tokens.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
-        np.testing.assert_array_equal(np.asarray(pairs.y.tokens), y1)
-        np.testing.assert_array_equal(np.asarray(pairs.yt.tokens), yt1)
+def test_resume_onto_other_mesh_shapes(setup, one_device, tmp_path):
+    """A 4x2 run stopped after round 1 resumes on 8x1 (and the one-device run's round-1
+    checkpoint on 2x4): the same final parameters, every round logged once."""
+    import dataclasses
+
+    cfg = dataclasses.replace(setup["cfg"], run_dir=str(tmp_path), name="m")
+    Trainer(cfg, mesh=par.make_mesh(4, 2), run=setup["run"]).run(stop_after=1)
+    resumed = Trainer(dataclasses.replace(cfg, resume=True), mesh=par.make_mesh(8, 1), run=setup["run"])
+    resumed.run()
+    assert max_diff(resumed.state.params, one_device["trainer"].state.params) <= PARAM_ATOL
+    assert [r["round"] for r in rows_of(tmp_path / "m")] == [1, 2]
+    assert_same_metrics(rows_of(tmp_path / "m"), one_device["rows"])
+
+    other = tmp_path / "other"
+    shutil.copytree(one_device["dir"] / "p", other / "p")  # a copied run dir resumes too
+    shutil.rmtree(other / "p" / "checkpoints" / str(ROUNDS))
+    t = Trainer(dataclasses.replace(cfg, run_dir=str(other), name="p", resume=True), mesh=par.make_mesh(2, 4),
+                run=setup["run"])
+    t.run()
+    assert max_diff(t.state.params, one_device["trainer"].state.params) <= PARAM_ATOL
 
 
-def test_sharded_train_4x2_matches_one_device(setup, one_device, tmp_path):
-    """make_train's pure train (lax.scan over rounds) jitted on a 4x2 mesh; then its sharded
-    final state is checkpointed and restored onto other mesh shapes (8x1 and one device)."""
-    from xpo_jax.checkpoint import Checkpointer
-
+def test_make_train_on_a_mesh_matches_the_trainer(setup, one_device):
     run, cfg = setup["run"], setup["cfg"]
-    mesh = par.make_mesh(4, 2)
-    train = par.sharded_train(cfg, mesh, run)
-    state, metrics = train(setup["key"], run.hparams())
+    state, metrics = jax.jit(make_train(cfg, run, par.make_mesh(4, 2)))(setup["key"], run.hparams())
     assert metrics["loss"].shape == (ROUNDS,)
-    assert max_diff(state.params, one_device["state"].params) <= PARAM_ATOL
+    assert max_diff(state.params, one_device["trainer"].state.params) <= PARAM_ATOL
+    np.testing.assert_array_equal(np.asarray(metrics["task/reward"]), [r["task/reward"] for r in one_device["rows"]])
     kernel = state.params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
 
-    ckpt = Checkpointer(str(tmp_path / "ckpt"))
-    ckpt.save(ROUNDS, state, cfg.to_dict(), {"round": ROUNDS})
-    for data, fsdp, devices in ((8, 1, None), (1, 1, jax.devices()[:1]), (2, 4, None)):
-        target = par.make_mesh(data, fsdp, devices=devices)
-        restored, saved_cfg, pos = ckpt.restore(par.abstract_state(run, target))
-        assert pos == {"round": ROUNDS} and saved_cfg["task"] == cfg.task
-        assert max_diff(restored.params, state.params) == 0.0
-        assert max_diff(restored.opt_state, state.opt_state) == 0.0
-        k = restored.params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
-        assert k.sharding.mesh.shape == target.shape
-        assert k.sharding.spec == par.fsdp_spec(k.shape, fsdp)
-    ckpt.close()
+
+def test_sharded_sampling_draws_the_one_device_tokens(setup):
+    run = setup["run"]
+    prompts, mask = jax.device_get(run.prompts.batch(run.data_key(setup["key"]), 0))
+    tokens = []
+    for mesh in (par.make_mesh(1, 1, devices=jax.devices()[:1]), par.make_mesh(4, 2)):
+        st = par.state_shardings(run.state_shapes(), mesh)
+        bs = par.batch_sharding(mesh)
+        f = jax.jit(run.fns.make_pairs, in_shardings=(st, bs, bs))
+        _, pairs = f(par.shard_state(setup["state0"], mesh), *par.shard_batch(mesh, prompts, mask))
+        tokens.append((np.asarray(pairs.y.tokens), np.asarray(pairs.yt.tokens)))
+    np.testing.assert_array_equal(tokens[0][0], tokens[1][0])
+    np.testing.assert_array_equal(tokens[0][1], tokens[1][1])
+
+
+# -- pmap, for code that still uses it --------------------------------------------------------
 
 
 def test_pmap_update_on_identical_pairs(setup, one_device):
     run = setup["run"]
-    pm = par.pmap_round(setup["cfg"], run)
+    pm = par.pmap_round(run)
     n = len(pm.devices)
     assert n == 8
-    sharded = par.shard_round(run, one_device["mesh"])
-    state = par.replicate(setup["state0"], n)
-    for (prompts, mask), before in zip(setup["batches"], one_device["states"]):
-        # The one-device run's own pairs: make_pairs is the first half of its fused round.
-        _, pairs = sharded.make_pairs(before, *par.shard_batch(one_device["mesh"], prompts, mask))
-        pairs = jax.device_get(pairs)  # uncommitted: pmap places its arguments itself
-        judgement = pm.oracle(pairs.judge_key, pairs.prompts, pairs.prompt_mask, pairs.y.tokens, pairs.y.mask,
-                              pairs.yt.tokens, pairs.yt.mask)
+    make_pairs, oracle, update = jax.jit(run.fns.make_pairs), jax.jit(run.oracle), jax.jit(run.fns.update)
+    one, rep = setup["state0"], par.replicate(setup["state0"], n)
+    data_key = run.data_key(setup["key"])
+    for r in range(ROUNDS):
+        prompts, mask = run.prompts.batch(data_key, r)
+        one, pairs = make_pairs(one, prompts, mask)  # the one-device round, in its halves
+        judgement = oracle(pairs.judge_key, pairs.prompts, pairs.prompt_mask, pairs.y.tokens, pairs.y.mask,
+                           pairs.yt.tokens, pairs.yt.mask)
+        one, _ = update(one, pairs, judgement)
+        pairs, judgement = jax.device_get((pairs, judgement))  # uncommitted: pmap places them itself
         split_pairs = par.split_batch(pairs._replace(judge_key=None), n)._replace(
             judge_key=jnp.zeros((n, 2), jnp.uint32))  # unused by update
-        state, metrics = pm.update(state, split_pairs, par.split_batch(judgement, n))
-    assert max_diff(par.unreplicate(state.params), one_device["state"].params) <= PARAM_ATOL
-    # Every device holds the same parameters (the update is psum-ed, not per device).
-    leaves = jax.tree_util.tree_leaves(state.params)
-    assert all(float(jnp.max(jnp.abs(x - x[0]))) == 0.0 for x in leaves)
+        rep, metrics = pm.update(rep, split_pairs, par.split_batch(judgement, n))
+    assert max_diff(one.params, one_device["trainer"].state.params) <= PARAM_ATOL
+    assert max_diff(par.unreplicate(rep.params), one_device["trainer"].state.params) <= PARAM_ATOL
+    leaves = jax.tree_util.tree_leaves(rep.params)
+    assert all(float(jnp.max(jnp.abs(x - x[0]))) == 0.0 for x in leaves)  # every device the same
     np.testing.assert_allclose(np.asarray(metrics["loss"]), float(metrics["loss"][0]))
 
 
-def test_pmap_round_greedy_matches_one_device(setup, one_device):
-    """Temperature 0: no sampling noise, so pmap's fused round must equal the one-device round
-    (temperature is a traced hyperparameter: the same compiled one-device round)."""
+def test_pmap_round_greedy_matches_one_device(setup):
+    """Temperature 0: no sampling noise, so pmap's fused round must equal the one-device round."""
     run = setup["run"]
     hp = run.hparams().replace(temperature=jnp.float32(0.0))
     state0 = run.init_state(setup["key"], hp)
-    sharded = par.shard_round(run, one_device["mesh"])
-    pm = par.pmap_round(setup["cfg"], run)
+    pm = par.pmap_round(run)
     n = len(pm.devices)
-    one, rep = par.shard_state(state0, one_device["mesh"]), par.replicate(state0, n)
-    for prompts, mask in setup["batches"]:
-        one, m1 = sharded.round_fn(one, *par.shard_batch(one_device["mesh"], prompts, mask))
-        rep, mp = pm.round_fn(rep, *par.split_batch((jnp.asarray(prompts), jnp.asarray(mask)), n))
+    one_round = jax.jit(run.fns.round_fn)
+    one, rep = state0, par.replicate(state0, n)
+    data_key = run.data_key(setup["key"])
+    for r in range(ROUNDS):
+        prompts, mask = run.prompts.batch(data_key, r)
+        one, m1 = one_round(one, prompts, mask, run.oracle)
+        rep, mp = pm.round_fn(rep, *par.split_batch((prompts, mask), n))
     assert max_diff(one.params, state0.params) > 100 * PARAM_ATOL
     assert max_diff(par.unreplicate(rep.params), one.params) <= PARAM_ATOL
     np.testing.assert_allclose(float(mp["task/reward"][0]), float(m1["task/reward"]), rtol=1e-6)
@@ -261,8 +289,9 @@ def test_pmap_round_greedy_matches_one_device(setup, one_device):
 
 # -- two real processes -----------------------------------------------------------------------
 
-TWO_PROCESS_TEST = "test_two_processes_match_single_process"
-TWO_PROCESS_TIMEOUT_S = 300
+TWO_PROCESS_TEST = "test_two_processes_train_and_resume_hf_checkpoints"
+TWO_PROCESS_TIMEOUT_S = 420
+HF_ROUNDS = 3
 
 
 def _free_port() -> int:
@@ -271,28 +300,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny_hf"))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def two_process_run(request, tmp_path_factory):
-    """Start the two worker processes when this module starts (they compile while the tests
-    above run in this process), and kill them at the end whatever happened."""
+    """Start the two processes when this module starts (they compile while the tests above run
+    here), and kill them at the end whatever happened. Each process runs the README's command
+    twice: 2 rounds, then --resume to round 3."""
     if not any(item.name == TWO_PROCESS_TEST for item in request.session.items):
         yield None
         return
+    policy, rm = make_tiny_hf(tmp_path_factory.mktemp("tiny_hf_2p"))
     out = tmp_path_factory.mktemp("two_process")
-    worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          env.get("PYTHONPATH", "")])
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, "--coordinator", f"localhost:{port}", "--num-processes", "2",
-             "--process-id", str(i), "--out", str(out), "--data", "2", "--fsdp", "2", "--rounds", str(ROUNDS)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    run = dict(procs=procs, out=out, deadline=time.monotonic() + TWO_PROCESS_TIMEOUT_S)
+    cfg = hf_test_config(policy, rm, out, "mh", batch_size=8, checkpoint_every=1)
+    common = ["--policy", cfg.policy, "--reward-model", cfg.reward_model, "--prompts", cfg.prompts,
+              "--batch-size", "8", "--max-new-tokens", "8", "--max-prompt-length", "48", "--progress", "false",
+              "--tensorboard", "false", "--eval-every", "0", "--checkpoint-every", "1", "--run-dir", str(out),
+              "--name", "mh", "--data", "2", "--fsdp", "2", "--num-processes", "2"]
+    ports = (_free_port(), _free_port())
+    procs = []
+    for i in range(2):
+        first = [sys.executable, "-m", "xpo_jax", "train", *common, "--rounds", "2", "--process-id", str(i),
+                 "--coordinator-address", f"localhost:{ports[0]}"]
+        second = [sys.executable, "-m", "xpo_jax", "train", *common, "--rounds", str(HF_ROUNDS), "--resume",
+                  "--process-id", str(i), "--coordinator-address", f"localhost:{ports[1]}"]
+        script = " && ".join(" ".join(map(_quote, c)) for c in (first, second))
+        procs.append(subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    run = dict(procs=procs, out=out, cfg=cfg, deadline=time.monotonic() + TWO_PROCESS_TIMEOUT_S, dirs=(policy, rm))
     yield run
     for p in procs:
         if p.poll() is None:
@@ -300,14 +341,19 @@ def two_process_run(request, tmp_path_factory):
             p.communicate()
 
 
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(str(s))
+
+
 @pytest.mark.multiprocess
-def test_two_processes_match_single_process(setup, one_device, two_process_run):
-    """Two Python processes x 2 CPU devices, joined by jax.distributed (gloo), on a 2x2
-    data x fsdp mesh, running `train_sharded`: each feeds only its half of the batch. Same
-    parameters, losses and sampled rewards as one process (the 2x2 program samples the same
-    tokens as the 4x2 one above); the checkpoint both processes wrote restores here on one
-    device."""
-    from xpo_jax.checkpoint import Checkpointer
+def test_two_processes_train_and_resume_hf_checkpoints(two_process_run, tmp_path):
+    """Two Python processes x 2 CPU devices, joined by jax.distributed (gloo), on a 2x2 data x fsdp
+    mesh, each reading only its half of every batch of the prompt file: the same metrics as one
+    process on one device (the global batch is the one-process batch), process 0 alone writes the
+    log, and the run resumes from the checkpoint both processes wrote (with both positions)."""
+    import dataclasses
 
     procs, deadline = two_process_run["procs"], two_process_run["deadline"]
     logs = []
@@ -321,18 +367,20 @@ def test_two_processes_match_single_process(setup, one_device, two_process_run):
                     + "\n".join(p.communicate()[0][-3000:] for p in procs))
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
-    assert "feeds rows 0:4 of 8" in logs[0] and "feeds rows 4:8 of 8" in logs[1]
-    res = np.load(two_process_run["out"] / "result.npz")
-    np.testing.assert_allclose(res["loss"], [m["loss"] for m in one_device["history"]], rtol=1e-5)
-    np.testing.assert_array_equal(res["reward"], [m["task/reward"] for m in one_device["history"]])
-    want = flatten(jax.device_get(one_device["state"].params))
-    got = {k[len("param:"):]: res[k] for k in res.files if k.startswith("param:")}
-    assert set(got) == set(want)
-    assert max(float(np.max(np.abs(got[k] - want[k]))) for k in want) <= PARAM_ATOL
-    ckpt = Checkpointer(str(two_process_run["out"] / "run" / "checkpoints"))
-    assert ckpt.latest_round() == ROUNDS
-    restored, saved_cfg, pos = ckpt.restore(par.abstract_state(setup["run"], one_device["mesh"]))
+    assert "process 0 of 2" in logs[0] and "process 1 of 2" in logs[1]
+    assert "resumed from" in logs[0] and "resumed from" in logs[1]
+    out = two_process_run["out"] / "mh"
+    rows = rows_of(out)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+
+    cfg = dataclasses.replace(two_process_run["cfg"], run_dir=str(tmp_path), name="single", rounds=HF_ROUNDS)
+    single = Trainer(cfg, mesh=par.make_mesh(1, 1, devices=jax.devices()[:1]))
+    single.run()
+    assert_same_metrics(rows, rows_of(tmp_path / "single"), rtol=2e-4, atol=2e-5)
+
+    ckpt = Checkpointer(str(out / "checkpoints"))
+    restored, _, data, _ = ckpt.restore_latest_good(single.program.abstract_state)
     ckpt.close()
-    assert pos == {"round": ROUNDS} and saved_cfg == setup["cfg"].to_dict()
-    restored = flatten(jax.device_get(restored.params))
-    assert all(np.array_equal(restored[k], got[k]) for k in want)
+    assert data["round"] == HF_ROUNDS and len(data["prompts"]) == 2  # one position per process
+    got, want = flatten(jax.device_get(restored.params)), flatten(jax.device_get(single.state.params))
+    assert max(float(np.max(np.abs(got[k] - want[k]))) for k in want) <= PARAM_ATOL

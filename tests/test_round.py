@@ -10,12 +10,19 @@ import pytest
 
 from xpo_jax.config import TrainConfig
 from xpo_jax.round import make_optimizer
-from xpo_jax.train import build_run
+from xpo_jax.run import build_run
+from xpo_jax.train import in_graph_round
 
 # Unclipped bonus and a deterministic judge (TRL's settings) so the hand computation below is
 # the plain Algorithm-1 formula.
 CFG = TrainConfig(rounds=6, batch_size=8, eval_every=3, alpha=0.05, beta=0.2, learning_rate=1e-3, progress=False,
                   tensorboard=False, bonus_clip=None, bradley_terry=False)
+
+
+def round_with_prompts(run):
+    """(state, data_key) -> (state, metrics): the round with its prompts drawn inside."""
+    step = in_graph_round(run)
+    return lambda state, data_key: step(state, data_key, run.oracle)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +35,7 @@ def jitted(run):
     return {
         "make_pairs": jax.jit(run.fns.make_pairs),
         "update": jax.jit(run.fns.update),
-        "round": jax.jit(run.round_with_prompts),
+        "round": jax.jit(round_with_prompts(run)),
     }
 
 
@@ -161,7 +168,7 @@ def test_micro_batches_and_multiple_updates(run):
     outs = []
     for r in (base, micro):
         state = r.init_state(jax.random.PRNGKey(5), r.hparams())
-        outs.append(jax.jit(r.round_with_prompts)(state, r.data_key(jax.random.PRNGKey(5))))
+        outs.append(jax.jit(round_with_prompts(r))(state, r.data_key(jax.random.PRNGKey(5))))
     (a, ma), (b, mb) = outs
     assert int(a.step) == 2 and int(a.round) == 1
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
@@ -174,7 +181,7 @@ def test_replay_buffer_fills_and_is_used():
     r = build_run(dataclasses.replace(CFG, replay_capacity=16, replay_batch_size=8))
     state = r.init_state(jax.random.PRNGKey(6), r.hparams())
     dk = r.data_key(jax.random.PRNGKey(6))
-    f = jax.jit(r.round_with_prompts)
+    f = jax.jit(round_with_prompts(r))
     for i in range(3):
         state, m = f(state, dk)
     assert int(state.replay.count) == 24
@@ -193,7 +200,7 @@ def test_alpha_beta_schedules():
 
 
 def test_one_executable_per_round_and_no_host_transfers(run):
-    f = jax.jit(run.round_with_prompts, donate_argnums=0)
+    f = jax.jit(round_with_prompts(run), donate_argnums=0)
     state = run.init_state(jax.random.PRNGKey(7), run.hparams())
     data_key = run.data_key(jax.random.PRNGKey(7))
     lowered = f.lower(state, data_key)

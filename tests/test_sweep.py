@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from multihost_worker import parallel_test_config
+from common import parallel_test_config
 from xpo_jax import sweep as sw
 
 ROUNDS, EVERY = 4, 2
@@ -82,7 +82,8 @@ def test_cli_writes_csv_and_figures(cli_sweep):
 def test_cells_equal_separate_runs(cli_sweep):
     """A cell of the sharded, vmapped grid == the plain jitted train of that cell."""
     from xpo_jax.state import Hyperparams
-    from xpo_jax.train import build_run, make_train
+    from xpo_jax.run import build_run
+    from xpo_jax.train import make_train
 
     cfg, out = cli_sweep
     final = sw.read_csv(os.path.join(out, "sweep.csv"))

@@ -14,7 +14,8 @@ import pytest
 from xpo_jax.checkpoint import Checkpointer
 from xpo_jax.cli import main as cli_main
 from xpo_jax.config import TrainConfig
-from xpo_jax.train import NonFiniteLoss, Trainer, build_run, make_train
+from xpo_jax.run import build_run
+from xpo_jax.train import NonFiniteLoss, Trainer, make_train
 
 CFG = TrainConfig(rounds=6, batch_size=8, eval_every=3, checkpoint_every=3, progress=False, tensorboard=True)
 
@@ -55,7 +56,7 @@ def test_outputs_and_summary(straight):
 def test_a_new_run_never_lands_on_an_earlier_runs_checkpoints(run, straight):
     _, _, out = straight
     cfg = dataclasses.replace(CFG, run_dir=str(out.parent), name=out.name)
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run: pass --resume"):
+    with pytest.raises(ValueError, match="holds an earlier run's output: pass --resume"):
         Trainer(cfg, run=run)
     assert Checkpointer(str(out / "checkpoints")).latest_round() == 6  # untouched
     Trainer(dataclasses.replace(cfg, overwrite=True, rounds=1, eval_every=0), run=run)
@@ -90,24 +91,24 @@ def test_exact_resume_is_bitwise(run, straight, tmp_path):
 def test_resume_rejects_a_different_config(run, tmp_path):
     cfg = dataclasses.replace(CFG, run_dir=str(tmp_path), name="c", eval_every=0)
     Trainer(cfg, run=run).run(stop_after=1)
-    with pytest.raises(ValueError, match="differs from the checkpoint's.*alpha"):
+    with pytest.raises(ValueError, match=r"differ from the checkpoint.s: --alpha was \S+, now 0.5"):
         Trainer(dataclasses.replace(cfg, resume=True, alpha=0.5), run=run).run()
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(run, tmp_path):
     cfg = dataclasses.replace(CFG, run_dir=str(tmp_path), name="n", eval_every=0, checkpoint_every=2)
     t = Trainer(cfg, run=run)
-    real_step = t._step
+    real_step = t.program.step
     calls = []
 
-    def poisoned(state):
-        state, m = real_step(state)
+    def poisoned(state, *args):
+        state, m = real_step(state, *args)
         calls.append(1)
         if len(calls) == 3:
             m = dict(m, loss=m["loss"] * float("nan"))
         return state, m
 
-    t._step = poisoned
+    t.program.step = poisoned
     ck = tmp_path / "n" / "checkpoints"
     with pytest.raises(NonFiniteLoss, match=r"round 3: loss=nan.*last good checkpoint \(round 2\)"):
         t.run()
@@ -133,11 +134,14 @@ def test_cli_rejects_bad_values_before_compiling(capsys):
     assert e.value.code == 2
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+def test_sigterm_on_a_mesh_saves_exits_75_and_resumes(tmp_path):
+    """`xpo-jax train --data 4 --fsdp 2` (8 simulated devices, inherited from conftest): SIGTERM
+    finishes the round, saves it, exits with 75; --resume continues from exactly that round."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "xpo_jax", "train", "--rounds", "100000", "--batch-size", "8", "--eval-every", "0",
-           "--checkpoint-every", "0", "--run-dir", str(tmp_path), "--name", "sig", "--progress", "false"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = [sys.executable, "-m", "xpo_jax", "train", "--batch-size", "8", "--eval-every", "0", "--checkpoint-every",
+            "0", "--run-dir", str(tmp_path), "--name", "sig", "--progress", "false", "--data", "4", "--fsdp", "2"]
+    proc = subprocess.Popen(base + ["--rounds", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     metrics = tmp_path / "sig" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or sum(1 for _ in open(metrics)) < 3):
@@ -145,7 +149,12 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert metrics.exists(), proc.communicate(timeout=5)[0]
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert "signal 15: saved round" in out
+    assert proc.returncode == 75, out
+    assert "signal: saved round" in out
     last = [json.loads(l) for l in open(metrics)][-1]["round"]
     assert Checkpointer(str(tmp_path / "sig" / "checkpoints")).latest_round() == last
+    again = subprocess.run(base + ["--rounds", str(last + 2), "--resume"], env=env, capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resumed from {tmp_path / 'sig' / 'checkpoints'}/{last}" in again.stdout
+    assert [json.loads(l)["round"] for l in open(metrics)] == list(range(1, last + 3))

@@ -1,9 +1,18 @@
-"""Checkpoints with orbax: the whole XPOState, the config and the data position, atomically.
+"""Checkpoints with orbax: the whole XPOState, the config and the data position, atomically,
+with a checksum of every array that is verified on restore.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a crash or a kill
 mid-save leaves the previous checkpoints intact; `latest_step` only ever sees finished ones. The
 trainer saves only states whose round produced finite metrics, so a NaN never overwrites the last
 good checkpoint.
+
+Bytes that rot after the save (a disk, a copy, a hand) would restore silently and surface later
+as a NaN blamed on training. So every save also stores, per array, a 32-bit fingerprint of its
+bits (`fingerprints`: an integer sum mod 2^32 of the bits times position weights, computed on
+device; integer addition is exact and order-free, so the value does not depend on the mesh the
+state is sharded over). `restore_latest_good` recomputes them after reading and, when a
+checkpoint does not verify (or cannot be read at all), falls back to the newest older one that
+does, and says so.
 """
 from __future__ import annotations
 
@@ -11,7 +20,38 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """sum_i bits_i * w_i mod 2^32 over the array's bits viewed as uint32 words, with odd weights
+    w_i that depend on the position (so swapped or shifted values change it too)."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 4:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 8:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    else:
+        narrow = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+        words = jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+    words = words.reshape(-1)
+    weights = jnp.arange(words.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(tree: Any) -> list:
+    return [_fingerprint(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def fingerprints(tree: Any) -> list[int]:
+    """One uint32 fingerprint per array leaf of `tree` (host ints, leaf order)."""
+    out = _fingerprints(tree)
+    return [int(np.asarray(v.addressable_data(0))) for v in out]
 
 
 class Checkpointer:
@@ -28,8 +68,19 @@ class Checkpointer:
     def latest_round(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def all_rounds(self) -> list[int]:
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def saved_config(self, round_idx: Optional[int] = None) -> dict:
+        """The config dict saved with a checkpoint (reads no arrays: cheap, for checks before a
+        run is built)."""
+        step = self.latest_round() if round_idx is None else round_idx
+        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(out["config"])
+
     def save(self, round_idx: int, state: Any, config: dict, data: dict) -> None:
         """Save and wait until it is on disk (a checkpoint is only worth having once finished)."""
+        data = {**data, "fingerprints": fingerprints(state)}
         self.manager.save(
             round_idx,
             args=ocp.args.Composite(
@@ -41,8 +92,10 @@ class Checkpointer:
         )
         self.manager.wait_until_finished()
 
-    def restore(self, like_state: Any, round_idx: Optional[int] = None) -> tuple[Any, dict, dict]:
-        """Restore onto the structure, shapes, dtypes and shardings of `like_state`."""
+    def restore(self, like_state: Any, round_idx: Optional[int] = None, *, verify: bool = True) -> tuple[Any, dict, dict]:
+        """Restore onto the structure, shapes, dtypes and shardings of `like_state` (arrays or
+        `jax.ShapeDtypeStruct`s with shardings). Raises ValueError when `verify` and the arrays'
+        fingerprints differ from the saved ones."""
         step = self.latest_round() if round_idx is None else round_idx
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -55,7 +108,36 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(),
             ),
         )
-        return out["state"], dict(out["config"]), dict(out["data"])
+        state, data = out["state"], dict(out["data"])
+        saved = data.pop("fingerprints", None)
+        if verify and saved is not None:
+            now = fingerprints(state)
+            if now != list(saved):
+                bad = [i for i, (a, b) in enumerate(zip(now, saved)) if a != b]
+                names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+                raise ValueError(f"checkpoint {self.directory}/{step} is corrupt: {len(bad)} array(s) differ from "
+                                 f"what was saved ({', '.join(names[i] for i in bad[:4])}{' ...' if len(bad) > 4 else ''})")
+        return state, dict(out["config"]), data
+
+    def restore_latest_good(self, like_state: Any) -> Optional[tuple[Any, dict, dict, str]]:
+        """The newest checkpoint that reads and verifies: (state, config, data, note), where note
+        says which newer ones were skipped and why ("" when the newest is good); None when there
+        is no checkpoint. Raises ValueError when none verifies."""
+        failures = []
+        for step in self.all_rounds():
+            try:
+                state, config, data = self.restore(like_state, step)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the next older one
+                failures.append(f"{step}: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            note = ""
+            if failures:
+                note = (f"warning: skipped {len(failures)} newer checkpoint(s) that failed verification "
+                        f"({'; '.join(failures)}); resuming from round {step}")
+            return state, config, data, note
+        if failures:
+            raise ValueError(f"no checkpoint in {self.directory} verifies: {'; '.join(failures)}")
+        return None
 
     def close(self) -> None:
         self.manager.wait_until_finished()

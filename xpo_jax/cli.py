@@ -1,8 +1,177 @@
-"""Command line: `xpo-jax train | demo` (also `python -m xpo_jax ...`)."""
+"""The command line: `xpo-jax train | sweep | demo` (also `python -m xpo_jax ...`).
+
+    xpo-jax train [--data D --fsdp F] [every TrainConfig flag]         one run, any mesh
+    xpo-jax train --distributed ...                                     every process of a pod
+    xpo-jax sweep --alphas 0,0.01 --betas 0.1 --seeds 0-7 [flags]       a grid as one program
+    xpo-jax demo                                                        the losses on random numbers
+
+Exit status: 0 finished; 2 bad input (one line naming the flag or file, before anything
+compiles where it can be known); 3 stopped on a NaN/inf loss (nothing saved for that round);
+75 stopped by SIGTERM after saving (resume with --resume).
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import time
+from typing import Optional, Sequence
+
+# "--learning-rate -1e-3": argparse takes "-1e-3" for a flag (its negative-number pattern has no
+# exponents), so such values are glued to their flag ("--learning-rate=-1e-3") before parsing.
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def _glue_negative_numbers(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for tok in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.fullmatch(tok):
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
+def _error(command: str, e: BaseException) -> int:
+    print(f"xpo-jax {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process (TPU pod, GPU cluster): run the same command in every process")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run (jax.distributed; implied by the three flags below; on a Cloud TPU "
+                        "pod, SLURM, Open MPI or Kubernetes nothing else is needed)")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0 ($JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, default=None, help="$JAX_NUM_PROCESSES")
+    g.add_argument("--process-id", type=int, default=None, help="$JAX_PROCESS_ID")
+
+
+def _join_distributed(args) -> None:
+    if args.distributed or any(v is not None for v in (args.coordinator_address, args.num_processes, args.process_id)):
+        from xpo_jax.parallel import initialize_distributed
+
+        info = initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        print(f"process {info['process_index']} of {info['process_count']}: {info['local_device_count']} local "
+              f"of {info['device_count']} {info['platform']} devices", flush=True)
+
+
+def _train(args) -> int:
+    from xpo_jax.config import config_from_args
+
+    cfg = config_from_args(args)
+    try:
+        cfg.validate()
+        _join_distributed(args)  # before anything touches a device
+    except (ValueError, RuntimeError) as e:
+        return _error("train", e)
+    import jax
+
+    lead = jax.process_index() == 0
+    if lead:
+        print("config:\n" + cfg.to_json(), flush=True)
+    from xpo_jax.train import EXIT_INTERRUPTED, NonFiniteLoss, Trainer
+
+    try:
+        trainer = Trainer(cfg)
+        summary = trainer.run()
+    except NonFiniteLoss as e:
+        print(f"xpo-jax train: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        return _error("train", e)
+    if summary.get("interrupted"):
+        return EXIT_INTERRUPTED
+    if lead:
+        print(f"wrote {cfg.run_dir}/{cfg.name}/ (metrics.jsonl, checkpoints/, curve.png, summary.md)")
+        if "final_j_beta" in summary:
+            print(f"exact J_beta: reference {summary['reference_j_beta']:.4f} -> final {summary['final_j_beta']:.4f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# sweep
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_floats(s: str) -> list:
+    """"0,1e-3,0.01" -> [0.0, 0.001, 0.01]."""
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def parse_ints(s: str) -> list:
+    """"0-7" -> [0..7]; "0,3,5-6" -> [0, 3, 5, 6]."""
+    out = []
+    for part in s.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise argparse.ArgumentTypeError(f"empty range {part!r}")
+            out.extend(range(lo, hi + 1))
+        elif re.fullmatch(r"\d+", part):
+            out.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"expected seeds like '0-7' or '0,3,5-6', got {s!r}")
+    if not out:
+        raise argparse.ArgumentTypeError(f"no seeds in {s!r}")
+    return out
+
+
+def _sweep(args) -> int:
+    from xpo_jax.config import TrainConfig, config_from_args
+    from xpo_jax.sweep import make_grid, sweep, sweep_config
+
+    cfg = config_from_args(args, base=TrainConfig(name="sweep"))
+    try:
+        cfg = sweep_config(cfg)
+        alphas = args.alphas if args.alphas is not None else [cfg.alpha]
+        betas = args.betas if args.betas is not None else [cfg.beta]
+        seeds = args.seeds if args.seeds is not None else [cfg.seed]
+        make_grid(alphas, betas, seeds)
+        if args.grid_devices < 0:
+            raise ValueError(f"--grid-devices={args.grid_devices}: must be >= 0")
+    except ValueError as e:
+        return _error("sweep", e)
+    import jax
+
+    from xpo_jax.reporting import summary_table, write_sweep_outputs
+
+    local = jax.local_devices()
+    if args.grid_devices > len(local):
+        return _error("sweep", ValueError(f"--grid-devices={args.grid_devices} but only {len(local)} local devices"))
+    devices = local[: args.grid_devices or len(local)]
+    G = len(alphas) * len(betas) * len(seeds)
+    print(f"sweep: {len(alphas)} alphas x {len(betas)} betas x {len(seeds)} seeds = {G} runs of {cfg.rounds} rounds "
+          f"on {cfg.task}, one program on {len(devices)} {devices[0].platform} device(s)", flush=True)
+    t0 = time.perf_counter()
+    final, curves = sweep(cfg, alphas, betas, seeds, devices=devices if len(devices) > 1 else None)
+    seconds = time.perf_counter() - t0
+    out = os.path.join(cfg.run_dir, cfg.name)
+    paths = write_sweep_outputs(out, cfg, final, curves, info={
+        "alphas": alphas, "betas": betas, "seeds": seeds, "seconds": seconds, "devices": len(devices),
+        "platform": devices[0].platform,
+    })
+    print(summary_table(final))
+    print(f"{G} runs in {seconds:.1f} s (compile included); wrote {', '.join(paths.values())}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------
 
 
 def _demo(args) -> int:
@@ -26,53 +195,49 @@ def _demo(args) -> int:
     hw, hl = pi_y - ref_y, pi_yt - ref_yt
     print("dpo_loss by loss_type (beta=0.1):")
     for lt in LOSS_TYPES:
-        print(f"  {lt:10s} {float(dpo_loss(hw, hl, beta=0.1, loss_type=lt).mean()): .6f}")
+        extra = {"ref_margins": ref_y - ref_yt} if lt == "aot" else {}
+        print(f"  {lt:12s} {float(dpo_loss(hw, hl, beta=0.1, loss_type=lt, **extra).mean()): .6f}")
     return 0
 
 
-def _train(args) -> int:
-    from xpo_jax.config import config_from_args
-
-    cfg = config_from_args(args)
-    try:
-        cfg.validate()
-    except ValueError as e:  # before anything is built or compiled
-        print(f"xpo-jax train: error: {e}", file=sys.stderr)
-        return 2
-    print("config:\n" + cfg.to_json(), flush=True)
-    from xpo_jax.train import NonFiniteLoss, Trainer
-
-    try:
-        trainer = Trainer(cfg)
-    except ValueError as e:  # e.g. an earlier run's checkpoints in the way
-        print(f"xpo-jax train: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = trainer.run()
-    except NonFiniteLoss as e:
-        print(f"xpo-jax train: {e}", file=sys.stderr)
-        return 3
-    print(f"wrote {cfg.run_dir}/{cfg.name}/ (metrics.jsonl, checkpoints/, curve.png, summary.md)")
-    if "final_j_beta" in summary:
-        print(f"exact J_beta: reference {summary['reference_j_beta']:.4f} -> final {summary['final_j_beta']:.4f}")
-    return 0
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from xpo_jax.config import add_config_flags
 
-    parser = argparse.ArgumentParser(prog="xpo-jax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="xpo-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="online XPO on a built-in task (the defaults: hard-explore)")
+    t = sub.add_parser("train", help="online XPO: a built-in task (default hard-explore), a user task, or HF "
+                                     "checkpoints; on one device or a --data x --fsdp mesh")
     add_config_flags(t)
+    _add_distributed_flags(t)
     t.set_defaults(func=_train)
-    from xpo_jax.sweep import add_sweep_parser
+    s = sub.add_parser(
+        "sweep", help="alpha x beta x seed grid of online runs as one vmapped program",
+        description="Run every (alpha, beta, seed) cell of an online XPO run in one compiled program "
+                    "(jax.vmap of the pure train) and write <run-dir>/<name>/sweep.csv, heatmap.png, "
+                    "curves.png, curves.npz and sweep.json.",
+    )
+    s.add_argument("--alphas", type=parse_floats, default=None, help="comma-separated (default: --alpha)")
+    s.add_argument("--betas", type=parse_floats, default=None, help="comma-separated (default: --beta)")
+    s.add_argument("--seeds", type=parse_ints, default=None, help="e.g. 0-7 or 0,3,5 (default: --seed)")
+    s.add_argument("--grid-devices", type=int, default=0,
+                   help="shard the grid over this many local devices (0 = all; 1 = no sharding)")
+    add_config_flags(s)
+    s.set_defaults(func=_sweep)
+    d = sub.add_parser("demo", help="evaluate the XPO and DPO-family losses on random inputs")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+    return parser
 
-    add_sweep_parser(sub)
-    p = sub.add_parser("demo", help="evaluate the XPO and DPO-family losses on random inputs")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_demo)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_glue_negative_numbers(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         args = parser.parse_args(["demo"])
     return args.func(args)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import typing
 from typing import Optional
 
 from xpo_jax.losses import LOSS_TYPES
 
 EXPLORATION_POLICIES = ("ref", "policy")
+# A run name is a folder under --run-dir, never a path: no '/', no '..', no hidden names.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +24,8 @@ class TrainConfig:
     name: str = "xpo"  # run name: output goes to <run_dir>/<name>/
     run_dir: str = "runs"  # parent folder of runs
     task: str = "hard-explore"  # built-in task (xpo_jax.tasks.TASKS) or "module:attribute"
+    data: Optional[int] = None  # mesh: data-parallel size (None: all devices / --fsdp, or 1 device when --fsdp is 1)
+    fsdp: int = 1  # mesh: large weights split over this many devices (the batch over data x fsdp)
     rounds: int = 200  # online rounds (sample, judge, update)
     seed: int = 0  # seeds the policy's sampling, the oracle and the replay draws
     reference_seed: int = 0  # seeds the reference policy's fine-tune
@@ -37,7 +42,7 @@ class TrainConfig:
     beta: float = 0.1  # KL strength of the DPO loss
     beta_end: Optional[float] = None  # linear schedule to this value at the last round
     loss_type: str = "sigmoid"  # DPO-family loss (xpo_jax.losses.LOSS_TYPES)
-    label_smoothing: float = 0.0  # for sigmoid / robust / exo_pair / aot_pair
+    label_smoothing: float = 0.0  # for sigmoid / robust / exo_pair / aot / aot_unpaired
     bonus_clip: Optional[float] = 1.0  # clip log pi/pi_ref(y~) to +-this in the bonus (None = off, TRL)
     exploration_policy: str = "ref"  # y~ from "ref" (XPO Alg. 1) or "policy" (pi~ = pi_t)
     # -- sampling -------------------------------------------------------------------------
@@ -70,7 +75,15 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the first bad field; return self."""
+        """Raise ValueError naming the first bad field; return self. A config is checked once:
+        later calls (build_run, Trainer) return at once."""
+        if getattr(self, "_validated", False):
+            return self
+        self._check()
+        object.__setattr__(self, "_validated", True)  # frozen: not a field, never serialised
+        return self
+
+    def _check(self) -> None:
         def bad(field, why):
             raise ValueError(f"--{field.replace('_', '-')}={getattr(self, field)!r}: {why}")
 
@@ -110,8 +123,18 @@ class TrainConfig:
             bad("replay_capacity", "needs --replay-batch-size > 0 (pairs replayed per update)")
         if self.replay_batch_size % self.micro_batches:
             bad("micro_batches", f"must divide --replay-batch-size={self.replay_batch_size}")
-        if not self.name or "/" in self.name:
-            bad("name", "must be a non-empty name without '/'")
+        if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
+            bad("name", "must be a plain name: letters, digits, '_', '-', '.', not starting with '.' (no paths)")
+        if not isinstance(self.run_dir, str) or not self.run_dir.strip():
+            bad("run_dir", "must be a non-empty path")
+        if self.fsdp < 1:
+            bad("fsdp", "must be >= 1")
+        if self.data is not None and self.data < 1:
+            bad("data", "must be >= 1 (or unset: all devices / --fsdp)")
+        if self.data is not None and self.batch_size % (self.data * self.fsdp):
+            bad("batch_size", f"must be divisible by --data x --fsdp = {self.data * self.fsdp} (rows are split over the mesh)")
+        if self.resume and self.overwrite:
+            bad("overwrite", "contradicts --resume (continue the run, or delete it and start afresh: pick one)")
         if self.replay_capacity and self.replay_capacity < self.batch_size:
             bad("replay_capacity", f"must be 0 or >= --batch-size={self.batch_size} (a round inserts a batch)")
         if self.policy is not None:
@@ -122,7 +145,7 @@ class TrainConfig:
                 bad("max_prompt_length", "must be >= 1")
             if self.truncation not in ("left", "drop"):
                 bad("truncation", "expected 'left' or 'drop'")
-            return self
+            return
         if self.reward_model is not None or self.prompts is not None:
             bad("policy", "is required with --reward-model / --prompts")
         from xpo_jax.tasks import TASKS, resolve_task  # late: tasks imports the model
@@ -131,7 +154,6 @@ class TrainConfig:
             resolve_task(self.task)
         except ValueError as e:
             bad("task", f"expected one of {', '.join(sorted(TASKS))} or module:attribute ({e})")
-        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,15 +172,23 @@ class TrainConfig:
 
 # Options that may change when a run is resumed; any other difference would silently mix two runs.
 RESUME_MAY_DIFFER = frozenset(
-    {"rounds", "resume", "overwrite", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every"}
+    {"rounds", "resume", "overwrite", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every",
+     # where the run lives and how it is laid out on devices: a renamed or copied run dir, and a
+     # resume onto another mesh shape, continue the same run
+     "name", "run_dir", "data", "fsdp"}
 )
 
 
 def check_resumable(saved: dict, now: dict) -> None:
-    """Raise ValueError listing the settings in which `now` differs from the checkpoint's `saved`."""
-    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUME_MAY_DIFFER and saved.get(k) != v}
+    """Raise ValueError naming each setting in which `now` differs from the checkpoint's `saved`
+    (a key the checkpoint predates counts as its default)."""
+    defaults = TrainConfig().to_dict()
+    diff = [(k, saved.get(k, defaults.get(k)), v) for k, v in now.items()
+            if k not in RESUME_MAY_DIFFER and saved.get(k, defaults.get(k)) != v]
     if diff:
-        raise ValueError(f"--resume with a config that differs from the checkpoint's: {diff}")
+        flags = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, a, b in diff)
+        raise ValueError(f"--resume with settings that differ from the checkpoint's: {flags}. Resume with the "
+                         "checkpoint's settings, or start a new run (--name or --overwrite)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""From one CPU to a TPU pod: a device mesh, sharding rules, the sharded round, pmap, multi-host.
+"""From one CPU to a TPU pod: the device mesh, the sharding rules, multi-host plumbing, pmap.
 
-JAX's multi-controller runtime is the distributed engine: every host runs this same program on
+JAX's multi-controller runtime is the distributed engine: every host runs the same program on
 its own devices, `jax.sharding` says which slice of each array lives where, and XLA inserts the
-collectives. Nothing here is an engine of its own; it is the rules and the plumbing.
+collectives. Nothing here is an engine of its own; it is the rules and the plumbing, and it
+imports nothing of xpo_jax (the round and the trainer use it; `xpo_jax.train.Trainer(cfg, mesh)`
+is the one host loop on any mesh).
 
     mesh      = make_mesh(data=D, fsdp=F)                 D x F devices, axes ("data", "fsdp")
     params    : each large weight (>= 2-D, >= min_size elements) split over "fsdp" on its largest
@@ -14,23 +16,22 @@ collectives. Nothing here is an engine of its own; it is the rules and the plumb
                 the global array with `jax.make_array_from_process_local_data`.
     the rest  : (rng, round counter, hyperparameters, replay buffer) replicated.
 
-The round itself is unchanged: `jax.jit(round_fn, in_shardings=..., out_shardings=...)` called
-under `jax.set_mesh(mesh)`; gradients of a batch-sharded loss come out as XLA all-reduces, FSDP
-weights are all-gathered where they are used. With JAX's partitionable threefry (the default,
-`jax.config.jax_threefry_partitionable`), the random bits of an array do not depend on how it is
-sharded, so the sharded round samples exactly the tokens the one-device round samples.
+The round itself is unchanged: jitted with these in/out shardings, gradients of a batch-sharded
+loss come out as XLA all-reduces and FSDP weights are all-gathered where they are used. With
+JAX's partitionable threefry (`jax.config.jax_threefry_partitionable`, the default), the random
+bits of an array do not depend on how it is sharded, so a sharded round samples exactly the
+tokens the one-device round samples.
 
 `pmap_round` is the older form for code that still uses `pmap`: the round's gradients are summed
 with `lax.psum` over `axis_name="data"` and divided by the global pair weight (`make_round`'s
-`axis_name`), so every replica applies the one-device update.
+`axis_name`), so every replica applies the one-device update. It is a tested function, not a
+second way to train.
 
 Multi-host: call `initialize_distributed()` first thing in every process (before anything touches
-a JAX device -- note that importing `xpo_jax.tasks` or `xpo_jax.train` does), then build the mesh
-from `jax.devices()`, which then lists every process's devices.
+a JAX device), then build the mesh from `jax.devices()`, which then lists every process's devices.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -131,6 +132,13 @@ def param_shardings(params: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> A
     return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), f, min_size)), params)
 
 
+def param_sharding_fn(mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Callable:
+    """`(param_path, shape) -> NamedSharding` by the FSDP rule: for loaders that build each
+    parameter straight into its sharding (`xpo_jax.models.hf.load_hf(..., shardings=...)`)."""
+    f = _axis_size(mesh, FSDP)
+    return lambda path, shape: NamedSharding(mesh, fsdp_spec(shape, f, min_size))
+
+
 def state_shardings(state: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
     """An XPOState-shaped tree of NamedShardings (works on arrays and on `jax.eval_shape`
     output): params, ref_params and opt_state by the FSDP rule, everything else replicated."""
@@ -161,11 +169,10 @@ def shard_state(state: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
     return jax.tree_util.tree_map(_put, state, state_shardings(state, mesh, min_size))
 
 
-def abstract_state(run: Any, mesh: Mesh, hparams: Any = None, min_size: int = FSDP_MIN_SIZE) -> Any:
-    """The state's shapes, dtypes and target shardings, without materialising it: the
-    `like_state` for `Checkpointer.restore` onto `mesh` (any mesh shape, e.g. not the saver's)."""
-    hp = run.hparams() if hparams is None else hparams
-    shapes = jax.eval_shape(run.init_state, jax.random.PRNGKey(0), hp)
+def abstract_state(shapes: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
+    """`shapes` (an XPOState of `jax.ShapeDtypeStruct`, e.g. from `jax.eval_shape`) with their
+    target shardings on `mesh`: the `like_state` for `Checkpointer.restore` onto any mesh shape,
+    without materialising anything."""
     shardings = state_shardings(shapes, mesh, min_size)
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
@@ -205,84 +212,6 @@ def shard_batch(mesh: Mesh, *local_arrays: Any, global_batch_size: Optional[int]
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def host_prompts(run: Any, mesh: Mesh, data_key: Array, round_idx: int):
-    """This round's prompts as global sharded arrays, fed per host.
-
-    The synthetic tasks draw the whole batch from (data_key, round) (tiny), so every host draws
-    it and keeps its own rows; a dataset reader would read only `host_batch_slice` rows."""
-    B = run.cfg.batch_size
-    prompts, mask = jax.device_get(run.prompts_for(data_key, round_idx))
-    rows = host_batch_slice(mesh, B)
-    return shard_batch(mesh, prompts[rows], mask[rows], global_batch_size=B)
-
-
-# ----------------------------------------------------------------------------------------------
-# The round and train, jitted with shardings
-# ----------------------------------------------------------------------------------------------
-
-
-class ShardedRound(NamedTuple):
-    """Jitted, sharded halves of the round; call them as plain functions (they enter
-    `jax.set_mesh(mesh)` themselves). Arguments must already carry the shardings below
-    (`shard_state`, `shard_batch` / `host_prompts`)."""
-
-    mesh: Mesh
-    state_sharding: Any  # XPOState of NamedSharding
-    batch_sharding: NamedSharding
-    round_fn: Callable  # (state, prompts, prompt_mask) -> (state, metrics)
-    make_pairs: Callable  # (state, prompts, prompt_mask) -> (state, Pairs)
-
-
-def _under_mesh(mesh: Mesh, f: Callable) -> Callable:
-    def call(*args):
-        with jax.set_mesh(mesh):
-            return f(*args)
-
-    call.jitted = f
-    return call
-
-
-def shard_round(run: Any, mesh: Mesh, *, min_size: int = FSDP_MIN_SIZE, donate: bool = False) -> ShardedRound:
-    """`run.fns.round_fn` and `make_pairs` jitted with in/out shardings on `mesh`.
-
-    `donate=True` donates the state (as the host loop does): the caller must not reuse it."""
-    st = state_shardings(jax.eval_shape(run.init_state, jax.random.PRNGKey(0), run.hparams()), mesh, min_size)
-    bs, rep = batch_sharding(mesh), replicated(mesh)
-    donate_argnums = (0,) if donate else ()
-    round_fn = jax.jit(run.fns.round_fn, in_shardings=(st, bs, bs), out_shardings=(st, rep), donate_argnums=donate_argnums)
-    pairs_sh = jax.tree_util.tree_map(lambda _: bs, _pairs_shape(run))
-    pairs_sh = pairs_sh._replace(judge_key=rep)
-    make_pairs = jax.jit(run.fns.make_pairs, in_shardings=(st, bs, bs), out_shardings=(st, pairs_sh))
-    return ShardedRound(mesh, st, bs, _under_mesh(mesh, round_fn), _under_mesh(mesh, make_pairs))
-
-
-def _pairs_shape(run: Any):
-    state = jax.eval_shape(run.init_state, jax.random.PRNGKey(0), run.hparams())
-    prompts = jax.ShapeDtypeStruct((run.cfg.batch_size, run.task.prompt_len), jnp.int32)
-    return jax.eval_shape(run.fns.make_pairs, state, prompts, prompts)[1]
-
-
-def sharded_train(cfg: Any, mesh: Mesh, run: Any = None, *, min_size: int = FSDP_MIN_SIZE) -> Callable:
-    """`make_train(cfg)` jitted on `mesh`: `train(key, hparams) -> (state, metrics)` with the
-    state FSDP-sharded and each round's prompts batch-sharded (sharding constraints inside the
-    scan), the final state returned with `state_shardings`, metrics replicated."""
-    from xpo_jax.train import build_run, make_train  # late: importing tasks starts the backend
-
-    run = run or build_run(cfg)
-    st = state_shardings(jax.eval_shape(run.init_state, jax.random.PRNGKey(0), run.hparams()), mesh, min_size)
-    bs, rep = batch_sharding(mesh), replicated(mesh)
-    inner = run.fns.round_fn
-    wsc = jax.lax.with_sharding_constraint
-
-    def round_fn(state, prompts, prompt_mask):
-        state, metrics = inner(wsc(state, st), wsc(prompts, bs), wsc(prompt_mask, bs))
-        return wsc(state, st), metrics
-
-    constrained = dataclasses.replace(run, fns=run.fns._replace(round_fn=round_fn))
-    train = jax.jit(make_train(cfg, constrained), in_shardings=(rep, rep), out_shardings=(st, rep))
-    return _under_mesh(mesh, train)
-
-
 # ----------------------------------------------------------------------------------------------
 # pmap form
 # ----------------------------------------------------------------------------------------------
@@ -299,9 +228,9 @@ class PmapRound(NamedTuple):
     devices: list
 
 
-def pmap_round(cfg: Any, run: Any, devices: Optional[Sequence] = None) -> PmapRound:
-    """The round as `jax.pmap(..., axis_name="data")`, built from the same pieces as `run.fns`
-    (model, oracle options, reward, schedule) with `make_round(..., axis_name="data")`.
+def pmap_round(run: Any, devices: Optional[Sequence] = None) -> PmapRound:
+    """The round of `run` (an `xpo_jax.run.Run` with a JAX oracle) as
+    `jax.pmap(..., axis_name="data")`, rebuilt by `run.make_round(axis_name="data")`.
 
     Gradients are `psum`-ed over the devices and divided by the global pair weight, so the update
     is the one-device update on the whole batch. Sampling: each device draws its rows from
@@ -311,27 +240,16 @@ def pmap_round(cfg: Any, run: Any, devices: Optional[Sequence] = None) -> PmapRo
     identically on every device, so the state stays replicated. With a replay buffer, each device
     keeps the pairs of its own rows (a per-device buffer, capacity per device).
     """
-    from xpo_jax.oracles import reward_fn_oracle
-    from xpo_jax.round import make_optimizer, make_round
-
-    task = run.task
-    oracle = reward_fn_oracle(
-        task.reward_fn, eos_id=task.eos_id, bradley_terry=cfg.bradley_terry,
-        missing_eos_penalty=cfg.missing_eos_penalty, mask_identical=cfg.mask_identical,
-    )
-    fns = make_round(
-        cfg, apply_fn=run.apply_fn, eos_id=task.eos_id, pad_id=task.pad_id, max_new_tokens=run.max_new_tokens,
-        oracle=oracle, true_reward_fn=task.reward_fn, lr_schedule=make_optimizer(cfg)[1], axis_name=DATA,
-    )
+    if run.oracle is None:
+        raise ValueError("pmap_round needs a run with a JAX oracle (a task reward or a fused reward model)")
+    fns = run.make_round(axis_name=DATA)
+    oracle = run.oracle
     devices = list(jax.local_devices() if devices is None else devices)
 
     def round_fn(state, prompts, prompt_mask):
         shared, per_round = jax.random.split(state.rng)
         local = state.replace(rng=jax.random.fold_in(per_round, jax.lax.axis_index(DATA)))
-        local, pairs = fns.make_pairs(local, prompts, prompt_mask)
-        judgement = oracle(pairs.judge_key, pairs.prompts, pairs.prompt_mask, pairs.y.tokens, pairs.y.mask,
-                           pairs.yt.tokens, pairs.yt.mask)
-        new, metrics = fns.update(local, pairs, judgement)
+        new, metrics = fns.round_fn(local, prompts, prompt_mask, oracle)
         return new.replace(rng=shared), metrics
 
     pm = lambda f: jax.pmap(f, axis_name=DATA, devices=devices)
@@ -462,6 +380,51 @@ def _distributed_summary() -> dict:
     )
 
 
+def local_rows(x: Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order, as numpy (the inverse of
+    `shard_batch`; on one process, the whole array)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    rows = {}
+    for s in x.addressable_shards:
+        rows.setdefault(s.index[0].start or 0, s.data)  # replicas of one block: keep one
+    return np.concatenate([np.asarray(rows[k]) for k in sorted(rows)])
+
+
+def first_copy(tree: Any) -> Any:
+    """Every leaf of a replicated tree as numpy, read from this process's first copy (no
+    cross-host traffic: each process holds the whole value)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is True in any process (a host all-reduce; every process must call it),
+    so that all processes take the same branch (e.g. stop and save after a signal)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
+def all_processes(values: Sequence[int]) -> np.ndarray:
+    """[process_count, len(values)]: every process's small integer vector, on every process."""
+    v = np.asarray(values, np.int64)[None]
+    if jax.process_count() == 1:
+        return v
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(v, tiled=True)).reshape(jax.process_count(), -1)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches this point (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def gather(tree: Any) -> Any:
     """Every leaf as a full numpy array on every process (`process_allgather` when multi-host)."""
     if jax.process_count() == 1:
@@ -469,133 +432,3 @@ def gather(tree: Any) -> Any:
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# The host loop on a mesh (one host or many) and `python -m xpo_jax.parallel`
-# ----------------------------------------------------------------------------------------------
-
-
-def train_sharded(cfg: Any, mesh: Mesh, run: Any = None, *, out_dir: Optional[str] = None,
-                  min_size: int = FSDP_MIN_SIZE, verbose: bool = True) -> tuple[Any, list]:
-    """Online rounds on `mesh` from Python, the same program in every process.
-
-    Each round every process draws the round's prompts and feeds only its rows (`host_prompts`);
-    the round is `shard_round`'s (state donated). With `out_dir`, process 0 writes
-    metrics.jsonl and config.json there, and every process takes part in orbax checkpoints
-    (out_dir/checkpoints, every cfg.checkpoint_every rounds and at the end; with several hosts
-    it must be a directory all of them see, e.g. a GCS bucket); `cfg.resume` restores the latest
-    one onto this mesh, whatever mesh saved it. Exact evaluation (built-in tasks) every
-    cfg.eval_every rounds and after the last. Returns (final sharded state, per-round metric dicts (floats, every process))."""
-    import json
-    import math as _math
-
-    from xpo_jax.config import check_resumable
-    from xpo_jax.train import build_run
-
-    if getattr(cfg, "policy", None) is not None and run is None:
-        raise ValueError("train_sharded: --policy (Hugging Face) runs are not wired to a mesh yet; built-in tasks only")
-    run = run or build_run(cfg)
-    lead = jax.process_index() == 0
-    key = jax.random.PRNGKey(cfg.seed)
-    data_key = run.data_key(key)
-    sharded = shard_round(run, mesh, min_size=min_size, donate=True)
-    # Jitted once, outside the loop: a fresh jax.jit per evaluation would recompile each time.
-    evaluate = jax.jit(run.evaluate) if getattr(run, "has_exact_eval", False) else None
-    state, start, ckpt, log = None, 0, None, None
-    if out_dir is not None:
-        from xpo_jax.checkpoint import Checkpointer
-
-        ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
-        if cfg.resume and ckpt.latest_round() is not None:
-            state, saved, pos = ckpt.restore(abstract_state(run, mesh, min_size=min_size))
-            check_resumable(saved, cfg.to_dict())
-            start = int(pos["round"])
-        if lead:  # epath: local folders and gs:// buckets alike (orbax's own path type)
-            from etils import epath
-
-            out = epath.Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(cfg.to_json())
-            log = (out / "metrics.jsonl").open("a" if start else "w")
-    if state is None:
-        state = shard_state(run.init_state(key, run.hparams()), mesh, min_size)
-    if verbose and lead:
-        rows = host_batch_slice(mesh, cfg.batch_size)
-        print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices in {jax.process_count()} process(es); "
-              f"process 0 feeds rows {rows.start}:{rows.stop} of {cfg.batch_size}; rounds {start + 1}..{cfg.rounds}",
-              flush=True)
-    history = []
-    try:
-        for r in range(start, cfg.rounds):
-            state, metrics = sharded.round_fn(state, *host_prompts(run, mesh, data_key, r))
-            m = {k: float(v) for k, v in gather(metrics).items()}
-            if not _math.isfinite(m["loss"]):
-                raise FloatingPointError(f"round {r + 1}: loss {m['loss']}; stopping (nothing saved for it)")
-            m["round"] = r + 1
-            due = cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds)
-            if due and evaluate is not None:
-                with jax.set_mesh(mesh):
-                    m.update({k: float(v) for k, v in gather(evaluate(state)).items()})
-            history.append(m)
-            if log is not None:
-                log.write(json.dumps(m) + "\n")
-                log.flush()
-            if verbose and lead and (r + 1 == cfg.rounds or (r + 1) % max(1, cfg.rounds // 10) == 0):
-                shown = {k: m[k] for k in ("loss", "task/reward", "objective/kl", "eval/j_beta") if k in m}
-                print(f"round {r + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
-            due = cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0
-            if ckpt is not None and (due or r + 1 == cfg.rounds):
-                ckpt.save(r + 1, state, cfg.to_dict(), {"round": r + 1})
-    finally:
-        if log is not None:
-            log.close()
-        if ckpt is not None:
-            ckpt.close()
-    return state, history
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m xpo_jax.parallel [--data D] [--fsdp F] [--coordinator-address H:P --num-processes N
-    --process-id I] [every train flag]`: online training on a device mesh, on one host or many
-    (run the same command on every host; on a Cloud TPU pod no distributed flags are needed)."""
-    import argparse
-    import sys
-
-    from xpo_jax.config import TrainConfig, add_config_flags, config_from_args
-
-    ap = argparse.ArgumentParser(prog="python -m xpo_jax.parallel", description=main.__doc__)
-    ap.add_argument("--data", type=int, default=None, help="data-parallel size (default: devices / fsdp)")
-    ap.add_argument("--fsdp", type=int, default=1, help="FSDP size: large weights split over this many devices")
-    ap.add_argument("--distributed", action="store_true",
-                    help="join a multi-process run (initialize_distributed; implied by the three flags below)")
-    ap.add_argument("--coordinator-address", default=None, help="host:port of process 0 ($JAX_COORDINATOR_ADDRESS)")
-    ap.add_argument("--num-processes", type=int, default=None, help="$JAX_NUM_PROCESSES")
-    ap.add_argument("--process-id", type=int, default=None, help="$JAX_PROCESS_ID")
-    add_config_flags(ap)
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.distributed or any(v is not None for v in (args.coordinator_address, args.num_processes, args.process_id)):
-        info = initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-        print(f"process {info['process_index']} of {info['process_count']}: {info['local_device_count']} local "
-              f"of {info['device_count']} {info['platform']} devices", flush=True)
-    cfg = config_from_args(args, base=TrainConfig(name="sharded"))
-    try:
-        cfg.validate()
-        mesh = make_mesh(args.data, args.fsdp)
-    except ValueError as e:
-        print(f"python -m xpo_jax.parallel: error: {e}", file=sys.stderr)
-        return 2
-    out = os.path.join(cfg.run_dir, cfg.name)
-    _, history = train_sharded(cfg, mesh, out_dir=out)
-    if jax.process_index() == 0:
-        last = history[-1] if history else {}
-        if "eval/j_beta" in last:
-            print(f"exact J_beta {last['eval/j_beta']:.4f}, P(optimal) {last['eval/p_optimal']:.4f}")
-        print(f"wrote {out}/ (metrics.jsonl, config.json, checkpoints/)")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -8,7 +8,8 @@
     xpo_loss(...)  -> grads -> optax update (scaled by the traced lr_scale)
 
 `make_round` returns three pure functions: `make_pairs` (sampling), `update` (loss and optimiser
-step on labelled pairs) and `round_fn`, their composition with a JAX oracle in between. A judge
+step on labelled pairs) and `round_fn(state, prompts, mask, oracle)`, their composition with a
+JAX oracle in between. A judge
 that lives on the host (an API, a reward model with another tokenizer) runs between the jitted
 halves; the fused round is the same two halves, not a copy.
 """
@@ -43,7 +44,7 @@ class Pairs(NamedTuple):
 class RoundFns(NamedTuple):
     make_pairs: Callable  # (state, prompts, prompt_mask) -> (state, Pairs)
     update: Callable  # (state, Pairs, Judgement) -> (state, metrics)
-    round_fn: Callable  # (state, prompts, prompt_mask) -> (state, metrics); needs a JAX oracle
+    round_fn: Callable  # (state, prompts, prompt_mask, oracle) -> (state, metrics); a JAX oracle
 
 
 def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, Callable]:
@@ -61,14 +62,16 @@ def completion_logits_fn(apply_fn: Callable, n: int) -> Callable:
     """params, tokens [B, P+N], mask -> logits [B, N+1, V] of the last N+1 positions only.
 
     The LM head runs only where the loss needs it (positions P-1 .. P+N-1): the prompt's logits
-    would cost B*P*V floats for nothing (0.6 GB at B=32, P=128, V=152k).
+    would cost B*P*V floats for nothing (0.6 GB at B=32, P=128, V=152k). The model's public
+    `hidden` and `head` methods, so any policy module with them works (decoder or table).
     """
 
-    def method(module, tokens, mask):
-        h = module.model(tokens, mask)
-        return module._logits(h[:, -(n + 1):])
+    def logits(params, tokens, mask):
+        variables = {"params": params}
+        h = apply_fn(variables, tokens, mask, method="hidden")
+        return apply_fn(variables, h[:, -(n + 1):], method="head")
 
-    return lambda params, tokens, mask: apply_fn({"params": params}, tokens, mask, method=method)
+    return logits
 
 
 def _weighted_mean(x: Array, w: Array) -> Array:
@@ -82,7 +85,6 @@ def make_round(
     eos_id: int,
     pad_id: int,
     max_new_tokens: int,
-    oracle: Optional[Callable] = None,
     true_reward_fn: Optional[Callable] = None,
     lr_schedule: Optional[Callable] = None,
     axis_name: Optional[str] = None,
@@ -230,9 +232,9 @@ def make_round(
         new_state = new_state.replace(rng=rng, round=state.round + 1, replay=replay)
         return new_state, metrics
 
-    def round_fn(state: XPOState, prompts: Array, prompt_mask: Array):
-        if oracle is None:
-            raise ValueError("round_fn needs a JAX oracle; with a host judge call make_pairs and update")
+    def round_fn(state: XPOState, prompts: Array, prompt_mask: Array, oracle: Callable):
+        # The oracle is an argument, not a closure: a reward model's parameters are its pytree
+        # leaves, so under jit they are traced inputs (shardable) rather than baked-in constants.
         state, pairs = make_pairs(state, prompts, prompt_mask)
         judgement = oracle(pairs.judge_key, pairs.prompts, pairs.prompt_mask, pairs.y.tokens, pairs.y.mask,
                            pairs.yt.tokens, pairs.yt.mask)

@@ -153,10 +153,11 @@ def initial_state(cfg, *, apply_fn, ref_params, tx, key: Array, hparams: Hyperpa
                   max_new_tokens: int) -> XPOState:
     """Round 0 of a run: the policy starts at the reference (as in RLHF fine-tuning).
 
-    Both params and ref_params are *copies* of `ref_params`: the host loop donates the state, and
-    donating one buffer twice (as params and as ref_params) is an error, as is deleting the
-    caller's reference parameters."""
+    Everything taken from the caller (params and ref_params from `ref_params`, the key, the
+    hyperparameters) is a *copy*: the host loop donates the state, and donating one buffer twice
+    (as params and as ref_params) is an error, as is deleting the caller's arrays (a later
+    `init_state(key, hparams)` with the same key would find it deleted)."""
     replay = Replay.empty(cfg.replay_capacity, prompt_len, max_new_tokens) if cfg.replay_capacity else None
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
     return XPOState.create_xpo(apply_fn=apply_fn, params=copy(ref_params), ref_params=copy(ref_params), tx=tx,
-                               rng=key, hparams=hparams, replay=replay)
+                               rng=copy(key), hparams=copy(hparams), replay=replay)

@@ -1,17 +1,34 @@
-"""Training: `make_train(cfg)` (pure, `lax.scan` over rounds, vmappable) and `Trainer` (host loop).
+"""Training on one device or any mesh: `make_train` (pure) and `Trainer` (the one host loop).
 
-The PureJaxRL shape: `train = make_train(cfg)` returns a pure `train(key, hparams) -> (state,
-metrics)` whose metrics are stacked per round; `jax.jit(jax.vmap(train))` runs a grid of seeds and
-hyperparameters as one program. `Trainer(cfg).run()` drives the same round function from Python
-for long runs: progress bar, JSONL + TensorBoard metrics, checkpoints, SIGTERM, NaN stop, summary
-table and learning-curve plot.
+The PureJaxRL shape: `make_train(cfg, run, mesh=None)` returns a pure `train(key, hparams) ->
+(state, metrics)` whose metrics are stacked per round (`lax.scan`); `jax.jit(jax.vmap(train))` runs
+a grid of seeds and hyperparameters as one program. With a mesh, the state and each round's
+prompts carry sharding constraints, so `jax.jit(train)` lays the run out on the mesh.
+
+`Trainer(cfg, mesh=None).run()` drives the same round from Python for long runs, for a task or for
+HF checkpoints, on one CPU, the devices of one host, or every device of a pod (every process runs
+the same program; JAX's multi-controller runtime is the engine):
+
+    output        <run_dir>/<name>/: config.json, metrics.jsonl (one line per round, TRL's metric
+                  names), TensorBoard events, checkpoints/<round>/ (orbax), curve.png, summary.json
+                  and summary.md. Process 0 writes everything but the checkpoints, which every
+                  process writes together (so run_dir must be shared storage on several hosts).
+    round 0       the evaluator's view of the reference (exact J_beta on tasks), before training
+    checkpoints   the whole state, the config, every process's prompt-stream position and the
+                  data's fingerprint; with a checksum of every array, verified on restore
+    SIGTERM       finish the round, save, exit with EXIT_INTERRUPTED (75); a finished run exits 0
+    NaN / inf     in the loss or gradient norm: stop at once without saving (NonFiniteLoss); the
+                  last checkpoint stays the last good one
+    run names     a new run never lands on an earlier run's output (--resume or --overwrite)
+    --resume      bitwise, onto any mesh shape; metrics.jsonl (and TensorBoard) are cut back to
+                  the restored round, so every round appears exactly once
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any, Callable, Optional
@@ -19,125 +36,109 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from xpo_jax import parallel as par
 from xpo_jax.config import TrainConfig, check_resumable
-from xpo_jax.models.transformer import Transformer
-from xpo_jax.oracles import reward_fn_oracle
-from xpo_jax.round import RoundFns, make_optimizer, make_round
-from xpo_jax.state import Hyperparams, XPOState, initial_state
-from xpo_jax.tasks import Task, resolve_task
+from xpo_jax.oracles import judge_scores
+from xpo_jax.reporting import plot_run_curves, read_metrics, write_summary
+from xpo_jax.run import Run, build_run
 
 Array = jax.Array
 
-EVAL_KEYS = ("eval/reward", "eval/kl", "eval/j_beta", "eval/p_optimal", "eval/j_star")
+# Exit status of a run stopped by SIGTERM after saving (EX_TEMPFAIL: "try again", i.e. --resume).
+EXIT_INTERRUPTED = 75
 
 
 class NonFiniteLoss(RuntimeError):
     """A round produced a NaN or infinite loss; nothing from it was saved."""
 
 
-@dataclasses.dataclass
-class Run:
-    """Everything built once on the host for a config: task, model, reference, round functions."""
-
-    cfg: TrainConfig
-    task: Task
-    apply_fn: Callable
-    ref_params: Any
-    fns: RoundFns
-    tx: Any
-    max_new_tokens: int
-
-    def hparams(self) -> Hyperparams:
-        return Hyperparams.from_config(self.cfg)
-
-    def init_state(self, key: Array, hparams: Hyperparams) -> XPOState:
-        return initial_state(self.cfg, apply_fn=self.apply_fn, ref_params=self.ref_params, tx=self.tx, key=key,
-                             hparams=hparams, prompt_len=self.task.prompt_len, max_new_tokens=self.max_new_tokens)
-
-    def data_key(self, key: Array) -> Array:
-        return jax.random.fold_in(key, 0x5EED)
-
-    def prompts_for(self, data_key: Array, round_idx) -> tuple[Array, Array]:
-        """The prompts of round `round_idx`: a pure function of (data_key, round), so a resumed
-        run, or every host of a multi-host run, draws the same ones."""
-        return self.task.sample_prompts(jax.random.fold_in(data_key, round_idx), self.cfg.batch_size)
-
-    def round_with_prompts(self, state: XPOState, data_key: Array):
-        """This round's prompts and the fused round, one program."""
-        return self.fns.round_fn(state, *self.prompts_for(data_key, state.round))
-
-    # -- the host loop's interface (also implemented by xpo_jax.hf_train.HFRun) ------------
-
-    has_exact_eval = True
-
-    def make_host_step(self, key: Array) -> Callable:
-        """state -> (state, metrics): one jitted program per round, the state donated."""
-        step = jax.jit(self.round_with_prompts, donate_argnums=0)
-        data_key = self.data_key(key)
-        return lambda state: step(state, data_key)
-
-    def data_position(self) -> dict:
-        return {}  # prompts are a function of state.round
-
-    def restore_data_position(self, position: dict) -> None:
-        pass
-
-    def exact_eval(self, params: Any, beta: Array) -> dict:
-        out = self.task.exact_eval(self.apply_fn, params, self.ref_params, beta)
-        return {f"eval/{k}": out[k] for k in ("reward", "kl", "j_beta", "p_optimal", "j_star")}
-
-    def evaluate(self, state: XPOState) -> dict:
-        """Exact evaluation of the state's policy at the beta of its last completed round (the
-        schedule clips round -1, the reference's evaluation, to round 0)."""
-        _, beta = state.hparams.scheduled(state.round - 1, self.cfg.rounds)
-        return self.exact_eval(state.params, beta)
+# ----------------------------------------------------------------------------------------------
+# The mesh of a run
+# ----------------------------------------------------------------------------------------------
 
 
-def build_run(cfg: TrainConfig):
-    """The Run for a config: a built-in task, or (with --policy) HF checkpoints and a prompt file."""
-    cfg.validate()
-    if cfg.policy is not None:
-        from xpo_jax.hf_train import build_hf_run
-
-        return build_hf_run(cfg)
-    task = resolve_task(cfg.task)
-    n = cfg.max_new_tokens or task.max_new_tokens
-    if n > task.max_new_tokens:
-        raise ValueError(f"--max-new-tokens={n} exceeds task {task.name!r}'s limit {task.max_new_tokens}")
-    model = Transformer(task.model_config)
-    ref_params = task.make_reference(jax.random.PRNGKey(cfg.reference_seed))
-    oracle = reward_fn_oracle(
-        task.reward_fn, eos_id=task.eos_id, bradley_terry=cfg.bradley_terry,
-        missing_eos_penalty=cfg.missing_eos_penalty, mask_identical=cfg.mask_identical,
-    )
-    tx, schedule = make_optimizer(cfg)
-    fns = make_round(
-        cfg, apply_fn=model.apply, eos_id=task.eos_id, pad_id=task.pad_id, max_new_tokens=n, oracle=oracle,
-        true_reward_fn=task.reward_fn, lr_schedule=schedule,
-    )
-    return Run(cfg, task, model.apply, ref_params, fns, tx, n)
+def mesh_for(cfg: TrainConfig) -> jax.sharding.Mesh:
+    """The mesh of `--data` x `--fsdp`: one device when neither is set on one process, every
+    device (data = devices / fsdp) otherwise. The batch must split over data x fsdp."""
+    if cfg.data is None and cfg.fsdp == 1 and jax.process_count() == 1:
+        mesh = par.make_mesh(1, 1, devices=jax.devices()[:1])
+    else:
+        n = jax.device_count()
+        if cfg.data is None and n % cfg.fsdp:
+            raise ValueError(f"--fsdp={cfg.fsdp} does not divide the {n} devices")
+        if cfg.data is not None and cfg.data * cfg.fsdp != n:
+            raise ValueError(f"--data={cfg.data} x --fsdp={cfg.fsdp} = {cfg.data * cfg.fsdp} devices, but "
+                             f"{n} are available")
+        mesh = par.make_mesh(cfg.data, cfg.fsdp)
+    check_batch_fits_mesh(cfg, mesh)
+    return mesh
 
 
-def make_train(cfg: TrainConfig, run: Optional[Run] = None) -> Callable:
+def check_batch_fits_mesh(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    shards = mesh.devices.size
+    if cfg.batch_size % shards:
+        raise ValueError(f"--batch-size={cfg.batch_size} must be divisible by the mesh's {shards} devices "
+                         f"({dict(mesh.shape)}): each device takes an equal share of the rows")
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure program
+# ----------------------------------------------------------------------------------------------
+
+
+def _constraints(run: Run, mesh: Optional[jax.sharding.Mesh]):
+    """(state -> state, batch array -> array): sharding constraints on `mesh`, or identities."""
+    if mesh is None:
+        return (lambda s: s), (lambda x: x)
+    st = par.state_shardings(run.state_shapes(), mesh)
+    bs = par.batch_sharding(mesh)
+    wsc = jax.lax.with_sharding_constraint
+    return (lambda s: wsc(s, st)), (lambda x: wsc(x, bs))
+
+
+def in_graph_round(run: Run, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+    """`(state, data_key, oracle) -> (state, metrics)`: the round with its prompts drawn inside the
+    program (tasks). The one body of both `make_train`'s scan and the Trainer's step."""
+    if not run.prompts.in_graph:
+        raise ValueError("this run reads its prompts on the host (a prompt file): it has no pure "
+                         "whole-run program; use Trainer")
+    on_state, on_batch = _constraints(run, mesh)
+
+    def step(state, data_key, oracle):
+        prompts, mask = run.prompts.batch(data_key, state.round)
+        state, metrics = run.fns.round_fn(on_state(state), on_batch(prompts), on_batch(mask), oracle)
+        return on_state(state), metrics
+
+    return step
+
+
+def make_train(cfg: TrainConfig, run: Optional[Run] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
     """Pure `train(key, hparams) -> (final XPOState, metrics {name: [rounds]})`.
 
     `key` is a raw PRNG key (`jax.random.PRNGKey(seed)`), `hparams` a `Hyperparams` (traced):
-    `jax.vmap(train)` over stacked keys and hyperparameters is a sweep in one program. Exact
-    evaluation (`eval/*`) runs every `eval_every` rounds and after the last; other rounds hold NaN.
+    `jax.vmap(train)` over stacked keys and hyperparameters is a sweep in one program. The
+    evaluator (`eval/*`, exact on tasks) runs every `eval_every` rounds and after the last;
+    other rounds hold NaN. With `mesh`, `jax.jit(train)` runs on it (state by the FSDP rule,
+    prompts split over data x fsdp) and gives the one-device result to float rounding.
     """
     run = run or build_run(cfg)
+    if mesh is not None:
+        check_batch_fits_mesh(cfg, mesh)
+    step = in_graph_round(run, mesh)
+    on_state, _ = _constraints(run, mesh)
     R, every = cfg.rounds, cfg.eval_every
+    evaluator = run.evaluator if run.evaluator is not None and run.evaluator.in_graph and every else None
 
-    def train(key: Array, hparams: Hyperparams):
-        state = run.init_state(key, hparams)
+    def train(key: Array, hparams):
+        state = on_state(run.init_state(key, hparams))
         data_key = run.data_key(key)
 
         def body(state, _):
-            state, metrics = run.round_with_prompts(state, data_key)
-            if every:
+            state, metrics = step(state, data_key, run.oracle)
+            if evaluator is not None:
                 due = (state.round % every == 0) | (state.round == R)
-                nan = {k: jnp.full((), jnp.nan, jnp.float32) for k in EVAL_KEYS}
-                metrics.update(jax.lax.cond(due, run.evaluate, lambda s: nan, state))
+                nan = {k: jnp.full((), jnp.nan, jnp.float32) for k in evaluator.keys}
+                metrics.update(jax.lax.cond(due, evaluator, lambda s: nan, state))
             return state, metrics
 
         return jax.lax.scan(body, state, None, length=R)
@@ -146,104 +147,225 @@ def make_train(cfg: TrainConfig, run: Optional[Run] = None) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------
+# The compiled programs of the host loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+    """`tree` on `shardings`; arrays already there are kept (no copy)."""
+    def put(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        return par._put(x, s)
+
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
+class Program:
+    """The jitted, sharded programs of one run on one mesh, each compiled once:
+
+        init(key, hparams)                  -> state (placed by the FSDP rule)
+        step(state, data_key | prompts)     -> (state, metrics): one whole round (state donated)
+        evaluate(state)                     -> eval metrics (in-graph evaluators)
+
+    Tasks draw their prompts inside `step` from (data_key, round); host streams pass this
+    process's rows, assembled into the global batch (`parallel.shard_batch`). With a host judge
+    `step` is the two jitted halves with the judge on the host between them."""
+
+    def __init__(self, run: Run, mesh: jax.sharding.Mesh):
+        self.run, self.mesh = run, mesh
+        shapes = run.state_shapes()
+        self.state_sharding = par.state_shardings(shapes, mesh)
+        self.abstract_state = par.abstract_state(shapes, mesh)
+        rep, bs = par.replicated(mesh), par.batch_sharding(mesh)
+        self.rep, self.bs = rep, bs
+        st = self.state_sharding
+        self.ref_params = _place(run.ref_params, par.param_shardings(run.ref_params, mesh))
+        self._init = jax.jit(run.init_state, out_shardings=st)
+        self.oracle = None
+        if run.oracle is not None:
+            self.oracle = _place(run.oracle, par.param_shardings(run.oracle, mesh))
+            oracle_sh = par.param_shardings(run.oracle, mesh)
+        if run.prompts.in_graph:
+            self._step = jax.jit(in_graph_round(run, mesh), in_shardings=(st, rep, oracle_sh),
+                                 out_shardings=(st, rep), donate_argnums=0)
+        elif run.oracle is not None:
+            self._step = jax.jit(run.fns.round_fn, in_shardings=(st, bs, bs, oracle_sh), out_shardings=(st, rep),
+                                 donate_argnums=0)
+        else:
+            self._pairs = jax.jit(run.fns.make_pairs, in_shardings=(st, bs, bs), donate_argnums=0)
+            self._update = jax.jit(run.fns.update, out_shardings=(st, rep), donate_argnums=0)
+            judge, cfg = run.judge, run.cfg
+            self.rm_params = _place(judge.rm_params, par.param_shardings(judge.rm_params, mesh))
+
+            def score_and_judge(rm_params, key, ry, rym, ryt, rytm, y, ym, yt, ytm):
+                scores = judge.score(rm_params, jnp.concatenate([ry, ryt]), jnp.concatenate([rym, rytm]))
+                B = y.shape[0]
+                return judge_scores(key, scores[:B], scores[B:], y, ym, yt, ytm, eos_id=run.extras["tokenizer"].eos_id,
+                                    bradley_terry=cfg.bradley_terry, missing_eos_penalty=cfg.missing_eos_penalty,
+                                    mask_identical=cfg.mask_identical)
+
+            self._judge = jax.jit(score_and_judge)
+        ev = run.evaluator
+        self._evaluate = jax.jit(ev, in_shardings=(st,), out_shardings=rep) if ev is not None and ev.in_graph else None
+
+    def init(self, key: Array, hparams: Any) -> Any:
+        return self._init(key, hparams, self.ref_params)
+
+    def step(self, state: Any, data_key: Array, round_idx: int) -> tuple[Any, dict]:
+        run = self.run
+        if run.prompts.in_graph:
+            return self._step(state, data_key, self.oracle)
+        rows = par.host_batch_slice(self.mesh, run.cfg.batch_size)
+        texts, prompts, mask = run.prompts.next_local(rows)
+        prompts, mask = par.shard_batch(self.mesh, prompts, mask, global_batch_size=run.cfg.batch_size)
+        if self.oracle is not None:
+            state, metrics = self._step(state, prompts, mask, self.oracle)
+        else:
+            state, pairs = self._pairs(state, prompts, mask)
+            local = [par.local_rows(a) for a in (pairs.y.tokens, pairs.y.mask, pairs.yt.tokens, pairs.yt.mask)]
+            encoded = run.judge.encode(texts, local[0], local[1]) + run.judge.encode(texts, local[2], local[3])
+            ry, rym, ryt, rytm = par.shard_batch(self.mesh, *encoded, global_batch_size=run.cfg.batch_size)
+            judgement = self._judge(self.rm_params, pairs.judge_key, ry, rym, ryt, rytm, pairs.y.tokens,
+                                    pairs.y.mask, pairs.yt.tokens, pairs.yt.mask)
+            state, metrics = self._update(state, pairs, judgement)
+        metrics = dict(metrics)
+        metrics["data/num_truncated"] = float(run.prompts.stats["num_truncated"])
+        metrics["data/num_dropped"] = float(run.prompts.stats["num_dropped"])
+        return state, metrics
+
+    @property
+    def has_eval(self) -> bool:
+        return self._evaluate is not None
+
+    def evaluate(self, state: Any) -> dict:
+        return {k: float(v) for k, v in par.first_copy(self._evaluate(state)).items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # Host loop
 # ----------------------------------------------------------------------------------------------
 
 
 class Trainer:
-    """Long runs from Python: the jitted fused round, logging, checkpoints, SIGTERM, NaN stop.
+    """The host loop (see the module docstring): `Trainer(cfg, mesh=None).run()`.
 
-    Output in <run_dir>/<name>/: config.json, metrics.jsonl (one line per round), events.* for
-    TensorBoard, checkpoints/<round>/, curve.png, summary.json and summary.md.
-    """
+    `mesh`: a `jax.sharding.Mesh` with axes ("data", "fsdp") (`xpo_jax.parallel.make_mesh`);
+    default: cfg's --data x --fsdp (`mesh_for`). Everything that can be checked before the slow
+    build (the run directory, the mesh, resume compatibility) is checked in the constructor."""
 
-    def __init__(self, cfg: TrainConfig, run: Optional[Run] = None):
+    def __init__(self, cfg: TrainConfig, mesh: Optional[jax.sharding.Mesh] = None, run: Optional[Run] = None):
         self.cfg = cfg.validate()
         self.out = os.path.join(cfg.run_dir, cfg.name)
+        self.lead = jax.process_index() == 0
+        self.mesh = mesh if mesh is not None else mesh_for(cfg)
+        check_batch_fits_mesh(cfg, self.mesh)
         self._claim_run_dir()  # before the (slow) build: a clash is reported at once
-        self.run_ = run or build_run(cfg)
+        self.run_ = run or build_run(cfg, self.mesh)
+        self.program = Program(self.run_, self.mesh)
         self._stop_signal: Optional[int] = None
-        self._step = self.run_.make_host_step(jax.random.PRNGKey(cfg.seed))
-        self._eval = jax.jit(self.run_.evaluate) if self.run_.has_exact_eval else None
+        self.interrupted = False
 
-    # -- pieces ---------------------------------------------------------------------------
+    # -- the run directory ----------------------------------------------------------------
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.out, "checkpoints")
 
     def _claim_run_dir(self) -> None:
-        """Refuse to start a new run on top of an earlier run's checkpoints (orbax would refuse
-        to save over them only at the end of training), unless --resume or --overwrite."""
-        ckpt_dir = os.path.join(self.out, "checkpoints")
-        earlier = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
-        if not earlier or self.cfg.resume:
-            return
-        if not self.cfg.overwrite:
-            raise ValueError(
-                f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, "
-                f"--overwrite to start afresh (deletes them), or another --name"
-            )
-        import shutil
+        """A new run never lands on an earlier run's output (orbax would refuse to save over its
+        checkpoints only at the end of training): refuse unless --resume or --overwrite. Also
+        check that the run directory can be written, before anything is built."""
+        cfg, out = self.cfg, self.out
+        probe = _existing_ancestor(out)
+        if not os.path.isdir(probe):
+            raise ValueError(f"--run-dir={cfg.run_dir!r}: {probe} is a file, not a directory")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ValueError(f"--run-dir={cfg.run_dir!r}: {probe} is not writable")
+        earlier = _has_checkpoints(self.ckpt_dir) or os.path.exists(os.path.join(out, "metrics.jsonl"))
+        if cfg.resume and _has_checkpoints(self.ckpt_dir):
+            from xpo_jax.checkpoint import Checkpointer
 
-        shutil.rmtree(ckpt_dir)
-        for f in os.listdir(self.out):
-            if f == "metrics.jsonl" or f.startswith("events.out.tfevents"):
-                os.remove(os.path.join(self.out, f))
+            ckpt = Checkpointer(self.ckpt_dir)
+            try:
+                check_resumable(ckpt.saved_config(), cfg.to_dict())
+            finally:
+                ckpt.close()
+        if cfg.resume or not earlier:
+            return
+        if not cfg.overwrite:
+            raise ValueError(
+                f"{out} holds an earlier run's output: pass --resume to continue it, --overwrite to start afresh "
+                f"(deletes its checkpoints and metrics), or another --name")
+        if self.lead:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            for f in os.listdir(out):
+                if f in ("metrics.jsonl", "summary.json", "summary.md", "curve.png") or f.startswith("events.out.tfevents"):
+                    os.remove(os.path.join(out, f))
+        par.barrier("xpo_jax:overwrite")
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
-
-    def _evaluate(self, state: XPOState) -> dict:
-        return {k: float(v) for k, v in jax.device_get(self._eval(state)).items()}
-
-    def _should_eval(self, r: int) -> bool:
-        every = self.cfg.eval_every if self._eval is not None else 0
-        return bool(every) and (r % every == 0 or r == self.cfg.rounds)
 
     # -- the loop -------------------------------------------------------------------------
 
     def run(self, stop_after: Optional[int] = None) -> dict:
         """Train until cfg.rounds (or `stop_after` rounds in this call, for tests); returns the
-        summary. Raises NonFiniteLoss on a NaN/inf loss without saving that round."""
+        summary. Raises NonFiniteLoss on a NaN/inf loss without saving that round. After SIGTERM
+        the summary has "interrupted": True (and `self.interrupted` is set)."""
         from xpo_jax.checkpoint import Checkpointer
 
-        cfg, run = self.cfg, self.run_
-        os.makedirs(self.out, exist_ok=True)
-        ckpt = Checkpointer(os.path.join(self.out, "checkpoints"), keep=cfg.keep_checkpoints)
+        cfg, run, prog = self.cfg, self.run_, self.program
+        if self.lead:
+            os.makedirs(self.out, exist_ok=True)
+        par.barrier("xpo_jax:run-dir")
+        ckpt = Checkpointer(self.ckpt_dir, keep=cfg.keep_checkpoints)
         key = jax.random.PRNGKey(cfg.seed)
-        state = run.init_state(key, run.hparams())
-        start = 0
-        if cfg.resume and ckpt.latest_round() is not None:
-            state, saved_cfg, data = ckpt.restore(state)
-            check_resumable(saved_cfg, cfg.to_dict())
-            start = int(data["round"])
-            run.restore_data_position(data)
-            print(f"resumed from {ckpt.directory}/{start} (round {start} of {cfg.rounds})", flush=True)
-        elif os.path.exists(os.path.join(self.out, "metrics.jsonl")):
-            os.remove(os.path.join(self.out, "metrics.jsonl"))  # a run that never saved: start the log afresh
-        with open(os.path.join(self.out, "config.json"), "w") as f:
-            f.write(cfg.to_json())
-
-        writer = self._tensorboard()
-        log = open(os.path.join(self.out, "metrics.jsonl"), "a")
+        data_key = run.data_key(key)
+        start, state, t_offset = 0, None, 0.0
+        log_path = os.path.join(self.out, "metrics.jsonl")
+        if cfg.resume:
+            restored = ckpt.restore_latest_good(prog.abstract_state)
+            if restored is None:
+                print(f"--resume: no checkpoint in {ckpt.directory}; starting at round 1", flush=True)
+            else:
+                state, saved_cfg, data, note = restored
+                check_resumable(saved_cfg, cfg.to_dict())
+                start = int(data["round"])
+                self._restore_prompts(data)
+                if note:
+                    print(note, flush=True)
+                print(f"resumed from {ckpt.directory}/{start} (round {start} of {cfg.rounds})", flush=True)
+        if state is None:
+            state = prog.init(key, run.hparams())
+        writer = None
+        if self.lead:
+            kept = _trim_metrics(log_path, start)
+            t_offset = kept[-1].get("time/elapsed_s", 0.0) if kept else 0.0
+            with open(os.path.join(self.out, "config.json"), "w") as f:
+                f.write(cfg.to_json())
+            writer = self._tensorboard(kept)
+        log = open(log_path, "a") if self.lead else None
         bar = self._progress(start)
         old_handler = signal.signal(signal.SIGTERM, self._on_signal)
-        if start == 0 and self._eval is not None and cfg.eval_every:
-            ref_eval = self._evaluate(state)
-            self._write(log, writer, {"round": 0, **ref_eval})
+        if start == 0 and prog.has_eval and cfg.eval_every:
+            self._write(log, writer, {"round": 0, **prog.evaluate(state)})
         last_saved = start
         end = cfg.rounds if stop_after is None else min(cfg.rounds, start + stop_after)
         t0 = time.perf_counter()
         try:
             for r in range(start + 1, end + 1):
-                state, metrics = self._step(state)
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                state, metrics = prog.step(state, data_key, r - 1)
+                m = {k: float(v) for k, v in par.first_copy(metrics).items()}
                 if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
-                    raise NonFiniteLoss(
-                        f"round {r}: loss={m['loss']}, grad_norm={m['grad_norm']}; stopping. The last good "
-                        f"checkpoint (round {ckpt.latest_round()}) is untouched."
-                    )
-                if self._should_eval(r):
-                    m.update(self._evaluate(state))
+                    last = ckpt.latest_round()
+                    where = f"round {last}" if last is not None else "none was saved yet"
+                    raise NonFiniteLoss(f"round {r}: loss={m['loss']}, grad_norm={m['grad_norm']}; stopping. "
+                                        f"The last good checkpoint ({where}) is untouched.")
+                if prog.has_eval and cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds):
+                    m.update(prog.evaluate(state))
                 m["round"] = r
-                m["time/elapsed_s"] = time.perf_counter() - t0
+                m["time/elapsed_s"] = t_offset + time.perf_counter() - t0
                 self._write(log, writer, m)
                 if bar is not None:
                     bar.update(1)
@@ -251,28 +373,64 @@ class Trainer:
                     if "eval/j_beta" in m:
                         post["J"] = m["eval/j_beta"]
                     bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
+                stop = par.any_process(self._stop_signal is not None)
                 due = cfg.checkpoint_every and r % cfg.checkpoint_every == 0
-                if due or r == end or self._stop_signal is not None:
-                    ckpt.save(r, state, cfg.to_dict(), {"round": r, **run.data_position()})
+                if due or r == end or stop:
+                    ckpt.save(r, state, cfg.to_dict(), self._data_position(r))
                     last_saved = r
-                if self._stop_signal is not None:
-                    print(f"\nsignal {self._stop_signal}: saved round {r} to {ckpt.directory}; exiting", flush=True)
+                if stop:
+                    self.interrupted = True
+                    if self.lead:
+                        print(f"\nsignal: saved round {r} to {ckpt.directory}; exiting (resume with --resume)",
+                              flush=True)
                     break
         finally:
             signal.signal(signal.SIGTERM, old_handler)
-            log.close()
+            if log is not None:
+                log.close()
             if writer is not None:
                 writer.close()
             if bar is not None:
                 bar.close()
             ckpt.close()
         self.state = state
-        summary = self._summarise(last_saved)
+        summary = self._summarise(last_saved) if self.lead else {"rounds": last_saved}
+        summary["interrupted"] = self.interrupted
         return summary
+
+    # -- prompt-stream positions ----------------------------------------------------------
+
+    def _data_position(self, r: int) -> dict:
+        data = {"round": r}
+        prompts = self.run_.prompts
+        if not prompts.in_graph:
+            data["prompts"] = par.all_processes(prompts.position()).tolist()  # one row per process
+            data["prompt_fingerprint"] = prompts.fingerprint
+        return data
+
+    def _restore_prompts(self, data: dict) -> None:
+        prompts = self.run_.prompts
+        if prompts.in_graph:
+            return
+        saved = data.get("prompt_fingerprint")
+        if saved is not None and saved != prompts.fingerprint:
+            raise ValueError(f"--resume: the prompt files ({self.cfg.prompts}) changed since the checkpoint was saved "
+                             f"(sha256 {saved[:12]}... now {prompts.fingerprint[:12]}...); the saved position would "
+                             "point into different data. Restore the files, or start a new run")
+        rows = data["prompts"]
+        if len(rows) == jax.process_count():
+            prompts.restore(rows[jax.process_index()])
+        elif all(r == rows[0] for r in rows):
+            prompts.restore(rows[0])  # another process count, but every position the same
+        else:
+            raise ValueError(f"--resume with {jax.process_count()} processes onto a checkpoint of {len(rows)} whose "
+                             f"prompt positions differ ({rows}): resume with {len(rows)} processes")
 
     # -- output ---------------------------------------------------------------------------
 
-    def _tensorboard(self):
+    def _tensorboard(self, replay: list):
+        """A fresh events file holding `replay` (the metrics kept on resume), so TensorBoard shows
+        every round once, like metrics.jsonl."""
         if not self.cfg.tensorboard:
             return None
         try:
@@ -280,10 +438,16 @@ class Trainer:
         except ImportError:  # e.g. a device image without it: say so, keep training
             print("tensorboardX is not installed: no TensorBoard events (metrics.jsonl has everything)")
             return None
-        return SummaryWriter(self.out)
+        for f in os.listdir(self.out):
+            if f.startswith("events.out.tfevents"):
+                os.remove(os.path.join(self.out, f))
+        writer = SummaryWriter(self.out)
+        for m in replay:
+            self._write(None, writer, m)
+        return writer
 
     def _progress(self, start: int):
-        if not self.cfg.progress:
+        if not self.cfg.progress or not self.lead:
             return None
         from tqdm.auto import tqdm
 
@@ -291,8 +455,9 @@ class Trainer:
 
     @staticmethod
     def _write(log, writer, m: dict) -> None:
-        log.write(json.dumps(m) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(m) + "\n")
+            log.flush()
         if writer is not None:
             for k, v in m.items():
                 if k != "round":
@@ -301,8 +466,9 @@ class Trainer:
     def _summarise(self, last_round: int) -> dict:
         rows = read_metrics(os.path.join(self.out, "metrics.jsonl"))
         evals = [r for r in rows if "eval/j_beta" in r]
-        what = {"task": self.cfg.task} if self.cfg.policy is None else {"policy": self.cfg.policy, "reward_model": self.cfg.reward_model}
-        summary = {"name": self.cfg.name, **what, "rounds": last_round}
+        cfg = self.cfg
+        what = {"task": cfg.task} if cfg.policy is None else {"policy": cfg.policy, "reward_model": cfg.reward_model}
+        summary = {"name": cfg.name, **what, "rounds": last_round}
         if evals:
             first, last = evals[0], evals[-1]
             summary.update({
@@ -318,53 +484,32 @@ class Trainer:
             summary["final_kl_estimate"] = train_rows[-1]["objective/kl"]
             summary["seconds"] = train_rows[-1]["time/elapsed_s"]
             summary["seconds_per_round"] = summary["seconds"] / max(len(train_rows), 1)
-        with open(os.path.join(self.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        table = ["| metric | value |", "|---|---|"] + [
-            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()
-        ]
-        with open(os.path.join(self.out, "summary.md"), "w") as f:
-            f.write("\n".join(table) + "\n")
-        print("\n".join(table))
-        plot_curves(rows, os.path.join(self.out, "curve.png"), title=f"{self.cfg.name} on {self.cfg.task if self.cfg.policy is None else os.path.basename(self.cfg.policy.rstrip('/'))}")
+        print(write_summary(self.out, summary))
+        name = cfg.task if cfg.policy is None else os.path.basename(cfg.policy.rstrip("/"))
+        plot_run_curves(rows, os.path.join(self.out, "curve.png"), title=f"{cfg.name} on {name}")
         return summary
 
 
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _existing_ancestor(path: str) -> str:
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    return p
 
 
-def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
-    """Learning curves: exact J_beta / reward / KL (eval rows) and the sampled reward per round."""
-    import matplotlib
+def _has_checkpoints(ckpt_dir: str) -> bool:
+    return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    ev = [r for r in rows if "eval/j_beta" in r]
-    tr = [r for r in rows if "loss" in r]
-    if ev:
-        x = [r["round"] for r in ev]
-        axes[0].plot(x, [r["eval/j_beta"] for r in ev], "o-", label="exact J_beta")
-        axes[0].plot(x, [r["eval/reward"] for r in ev], "s--", label="exact E[r]")
-        axes[0].axhline(ev[0]["eval/j_beta"], color="grey", lw=0.8, ls=":", label="reference J_beta")
-        axes[0].plot(x, [r["eval/j_star"] for r in ev], color="k", lw=0.8, ls="--", label="optimal J_beta")
-        axes[2].plot(x, [r["eval/p_optimal"] for r in ev], "o-", label="P(optimal response)")
-        axes[2].set_yscale("log")
-    if tr:
-        x = [r["round"] for r in tr]
-        if "task/reward" in tr[0]:
-            axes[1].plot(x, [r["task/reward"] for r in tr], lw=0.8, label="reward of policy samples")
-        axes[1].plot(x, [r["objective/kl"] for r in tr], lw=0.8, label="KL estimate")
-    for ax, t in zip(axes, ("exact objective", "per round", "exploration")):
-        ax.set_title(t)
-        ax.set_xlabel("round")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _trim_metrics(path: str, last_round: int) -> list[dict]:
+    """Keep the rows of rounds <= last_round (a resumed run repeats the rounds after its
+    checkpoint; a fresh run keeps none), dropping a torn last line; rewrite the file atomically.
+    Returns the rows kept."""
+    if not os.path.exists(path):
+        return []
+    kept = [r for r in read_metrics(path) if r.get("round", 0) <= last_round] if last_round > 0 else []
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+    return kept

@@ -1,4 +1,4 @@
-"""Synthetic preference tasks with a JAX reward and exact evaluation by enumeration.
+"""The Task: a synthetic preference task with a JAX reward and exact evaluation by enumeration.
 
 A task is everything an online-preference run needs besides the algorithm: a finite prompt set
 (sampled uniformly), a pure JAX reward ``r(x, y)``, a tiny policy architecture, a way to build the
@@ -27,7 +27,7 @@ distribution any response needs; each of the M responses then gathers its log-pr
 string that shares its prefix. The default task (V = 7, N = 4, 8 prompts) evaluates 8 x 216
 sequences of 6 tokens per model instead of 8 x 1555 responses: ~0.05 s on 2 CPU cores.
 
-``make_reference`` is host-side (it memoises by key); everything else on a Task is pure JAX.
+Everything on a Task is pure JAX; the reference policy is built by `xpo_jax.tasks.reference`.
 
 Writing your own task takes a few lines::
 
@@ -39,37 +39,20 @@ Writing your own task takes a few lines::
                 max_new_tokens=3, reward_fn=reward)
     metrics = task.exact_eval(Transformer(task.model_config).apply, params, ref_params, 0.1)
 
-Without ``demonstrations`` the reference is the randomly initialised model; with them,
-``make_reference`` fine-tunes on them.
-
-Built-in tasks (``TASKS``; ``DEFAULT_TASK`` is "hard-explore"):
-
-- "hard-explore": the target is the prompt reversed, then EOS; reward = the length of the matched
-  prefix of (target, EOS), over its length (graded partial credit: 0, .25, .5, .75, 1). The
-  demonstrations that train pi_ref know the first zero, one or two target tokens and write a
-  filler token for the rest, so pi_ref puts most of its mass on mediocre responses (reward .25
-  and .5) and less than 1e-3 (about 2e-4) on the optimal one: online DPO can climb to .5 from
-  its own samples, but the third token is one pi_ref has (almost) never produced there, and
-  finding it takes exploration.
-- "copy": the target is the prompt itself, then EOS; reward = fraction of target positions
-  matched (position by position). Demonstrations are noisy copies, so pi_ref already finds the
-  optimum often; a sanity task on which every method should succeed.
+The built-in tasks are in `xpo_jax.tasks.builtin`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import itertools
-import math
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from xpo_jax import logprobs
-from xpo_jax.models.transformer import ModelConfig, Transformer, get_config, init_params
+from xpo_jax.models.transformer import ModelConfig, get_config
 
 Array = jax.Array
 
@@ -276,14 +259,6 @@ class Task:
         idx = jax.random.randint(key, (batch_size,), 0, self.num_prompts)
         return jnp.asarray(self.prompts)[idx], jnp.asarray(self.prompt_mask)[idx]
 
-    def make_reference(self, key: Array) -> Any:
-        """Reference-policy parameters: ``train_reference`` on the demonstrations, memoised
-        per (task, key) in this process so tests and the CLI train it once."""
-        cache_key = (self, _key_bytes(key))
-        if cache_key not in _REFERENCE_CACHE:
-            _REFERENCE_CACHE[cache_key] = train_reference(self, key)[0]
-        return _REFERENCE_CACHE[cache_key]
-
     # -- exact evaluation -----------------------------------------------------------------
 
     def response_logprobs(self, apply_fn: Callable, params: Any) -> Array:
@@ -380,324 +355,3 @@ def _exact_eval_jit(task: Task, apply_fn: Callable, params, ref_params, beta):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _response_logprobs_jit(task: Task, apply_fn: Callable, params):
     return task._map_prompts(lambda p, pm: task._prompt_logprobs(apply_fn, params, p, pm))
-
-
-# --------------------------------------------------------------------------------------------
-# Reference policy: supervised fine-tuning on demonstrations
-
-_REFERENCE_CACHE: dict = {}
-
-
-def _key_bytes(key: Array) -> bytes:
-    """A hashable identity of a PRNG key (new-style typed keys and raw uint32 keys alike)."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.asarray(key).tobytes()
-
-
-def sft_loss(apply_fn: Callable, params: Any, batch: tuple) -> Array:
-    """Mean negative log-likelihood per response token (EOS included, padding excluded)."""
-    prompts, prompt_mask, responses, response_mask = batch
-    tokens = jnp.concatenate([prompts, responses], axis=1).astype(jnp.int32)
-    mask = jnp.concatenate(
-        [prompt_mask.astype(jnp.int32), response_mask.astype(jnp.int32)], axis=1
-    )
-    logits = apply_fn({"params": params}, tokens, mask)
-    token_lp, _ = logprobs.completion_logprobs(logits, responses, response_mask)
-    return -jnp.sum(token_lp) / jnp.maximum(jnp.sum(response_mask), 1)
-
-
-def train_reference(task: Task, key: Array) -> tuple[Any, Array]:
-    """Fine-tune a fresh ``Transformer(task.model_config)`` on ``task.demonstrations`` with Adam:
-    ``task.reference_steps`` steps of ``task.reference_batch_size`` fresh demonstrations each,
-    minimising ``sft_loss``. Returns (params, per-step losses [steps]). Deterministic given
-    ``key``. Uncached; ``Task.make_reference`` memoises it.
-    """
-    init_key, data_key = jax.random.split(key)
-    # Initialised outside the compiled loop: with Transformer.init traced into the same
-    # program, XLA's CPU compile took ~3x longer (13 s against 4 s, measured).
-    params = init_params(task.model_config, init_key)
-    if task.demonstrations is None or task.reference_steps == 0:
-        return params, jnp.zeros((0,), jnp.float32)
-    return _fine_tune(task, params, data_key)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _fine_tune(task: Task, params: Any, key: Array) -> tuple[Any, Array]:
-    """The SFT loop as one ``lax.scan`` (compiled once per task)."""
-    apply_fn = Transformer(task.model_config).apply
-    optimizer = optax.adam(task.reference_learning_rate)
-
-    def step(carry, step_key):
-        params, opt_state = carry
-        batch = task.demonstrations(step_key, task.reference_batch_size)
-        loss, grads = jax.value_and_grad(functools.partial(sft_loss, apply_fn))(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
-    (params, _), losses = jax.lax.scan(
-        step, (params, optimizer.init(params)), jax.random.split(key, task.reference_steps)
-    )
-    return params, losses
-
-
-# --------------------------------------------------------------------------------------------
-# Reward pieces shared by the built-in tasks
-
-
-def left_align(prompts: Array, prompt_mask: Array) -> tuple[Array, Array]:
-    """Move each row's real tokens to the front: (content [B, P] padded with -1, lengths [B])."""
-    real = prompt_mask > 0
-    # A stable argsort on "is padding" puts the real tokens first, in their original order.
-    order = jnp.argsort(~real, axis=1, stable=True)
-    content = jnp.take_along_axis(jnp.where(real, prompts, -1), order, axis=1)
-    return content, real.sum(axis=1)
-
-
-def target_with_eos(target: Array, length: Array, width: int, eos_id: int) -> Array:
-    """[B, width]: target[:, :length] then EOS at ``length``, then -1 (matches no token)."""
-    cols = jnp.arange(width)[None, :]
-    padded = jnp.pad(target, ((0, 0), (0, max(0, width - target.shape[1]))), constant_values=-1)
-    padded = padded[:, :width]
-    return jnp.where(cols < length[:, None], padded, jnp.where(cols == length[:, None], eos_id, -1))
-
-
-def positional_match_reward(
-    responses: Array, response_mask: Array, target: Array, length: Array, eos_id: int
-) -> Array:
-    """(1 / (L+1)) sum_{t <= L} [y_t = (target, EOS)_t]: fraction of the L+1 positions right."""
-    want = target_with_eos(target, length, responses.shape[1], eos_id)
-    hit = (responses == want) & (response_mask > 0)
-    return hit.sum(axis=1) / (length + 1.0)
-
-
-def prefix_match_reward(
-    responses: Array, response_mask: Array, target: Array, length: Array, eos_id: int
-) -> Array:
-    """(1 / (L+1)) max{k : y_<k = (target, EOS)_<k}: the matched prefix, as a fraction."""
-    want = target_with_eos(target, length, responses.shape[1], eos_id)
-    hit = (responses == want) & (response_mask > 0)
-    prefix = jnp.cumprod(hit.astype(jnp.int32), axis=1).sum(axis=1)
-    return prefix / (length + 1.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Built-in tasks
-
-PAD_ID, EOS_ID = 0, 1
-VOCAB_SIZE = 7  # pad, EOS and 5 content tokens 2..6
-FIRST_CONTENT = 2
-
-
-def _content_tokens(key: Array, shape: tuple) -> Array:
-    return jax.random.randint(key, shape, FIRST_CONTENT, VOCAB_SIZE)
-
-
-def _pick_prompts(key: Array, prompts: np.ndarray, prompt_mask: np.ndarray, batch_size: int):
-    idx = jax.random.randint(key, (batch_size,), 0, prompts.shape[0])
-    return jnp.asarray(prompts)[idx], jnp.asarray(prompt_mask)[idx]
-
-
-def _finish(body: Array, length: Array, width: int) -> tuple[Array, Array]:
-    """Right-padded response of ``body[:, :length]`` then EOS, and its mask."""
-    cols = jnp.arange(width)[None, :]
-    body = jnp.pad(body, ((0, 0), (0, width - body.shape[1])), constant_values=PAD_ID)
-    tokens = jnp.where(cols < length[:, None], body, jnp.where(cols == length[:, None], EOS_ID, PAD_ID))
-    return tokens.astype(jnp.int32), (cols <= length[:, None]).astype(jnp.int32)
-
-
-def reverse_target(prompts: Array, prompt_mask: Array) -> tuple[Array, Array]:
-    """The prompt's real tokens reversed, left-aligned, and their number.
-
-    Reversing a left-padded row puts its real tokens, reversed, at the front."""
-    content = jnp.where(prompt_mask > 0, prompts, -1)[:, ::-1]
-    return content, (prompt_mask > 0).sum(axis=1)
-
-
-FILLER_ID = FIRST_CONTENT  # hard-explore: the demonstrators' "don't know" token, never a target
-
-
-def make_hard_explore_task(
-    *,
-    name: str = "hard-explore",
-    num_prompts: int = 8,
-    prompt_len: int = 3,
-    prefix_probs: tuple = (0.25, 0.5, 0.25),
-    noise: float = 0.002,
-    seed: int = 0,
-    reward_scale: float = 4.0,
-) -> Task:
-    """The hard-exploration task (see the module docstring).
-
-    Tokens: pad 0, EOS 1, a filler token 2 and letters 3..6. Prompts: ``num_prompts`` distinct
-    strings of ``prompt_len`` letters. Target: the prompt reversed, then EOS (L = prompt_len,
-    N = L + 1). Reward: ``reward_scale`` times the matched prefix of (target, EOS) over L + 1;
-    with the default scale 4 = L + 1 that is the number of matched tokens, 0, 1, ..., 4.
-
-    Why the scale: the preference oracle is Bradley-Terry, P(y > y~) = sigmoid(r(y) - r(y~)), as in
-    the XPO paper. With rewards in [0, 1] every preference is nearly a coin flip; with 0..4 a
-    one-token improvement wins 73% of the time, and J_beta's optimum at beta = 0.1 puts 97% of its
-    mass on the optimal response (J* = 2.885 against the reference's 1.022).
-
-    Demonstrations: a demonstrator who knows the first k target tokens, k < L drawn with
-    ``prefix_probs`` (len L), writes them, fills the rest with the filler token, then EOS; with
-    probability ``noise`` each filler is replaced by a uniform letter. Demonstrations earn
-    k / (L+1) and, without noise, are never optimal. pi_ref learns "after what I know, filler":
-    most of its mass sits on mediocre responses, and the optimal one needs the L-th target
-    token where pi_ref has only ever seen filler (pi_ref(optimal) < 1e-3).
-    """
-    if len(prefix_probs) != prompt_len or not math.isclose(sum(prefix_probs), 1.0):
-        raise ValueError(
-            f"prefix_probs must have prompt_len={prompt_len} entries summing to 1; "
-            f"got {prefix_probs!r}"
-        )
-    if not 0.0 <= noise <= 1.0:
-        raise ValueError(f"noise must lie in [0, 1]; got {noise!r}")
-    first_letter = FILLER_ID + 1
-    n_letters = VOCAB_SIZE - first_letter
-    if num_prompts > n_letters**prompt_len:
-        raise ValueError(f"only {n_letters ** prompt_len} distinct prompts of length {prompt_len}")
-    rng = np.random.default_rng(seed)
-    codes = rng.choice(n_letters**prompt_len, size=num_prompts, replace=False)
-    prompts = np.stack(
-        [first_letter + (codes // n_letters**i) % n_letters for i in range(prompt_len)], axis=1
-    ).astype(np.int32)
-    prompt_mask = np.ones_like(prompts)
-    # numpy, not jnp: building the task at import must not start JAX's backend (that would make
-    # jax.distributed.initialize impossible afterwards).
-    prefix_logits = np.log(np.asarray(prefix_probs, np.float32))
-
-    def reward_fn(prompts, prompt_mask, responses, response_mask):
-        target, length = reverse_target(prompts, prompt_mask)
-        return reward_scale * prefix_match_reward(responses, response_mask, target, length, EOS_ID)
-
-    def demonstrations(key, batch_size):
-        k_prompt, k_prefix, k_noise, k_letter = jax.random.split(key, 4)
-        p, pm = _pick_prompts(k_prompt, prompts, prompt_mask, batch_size)
-        target = reverse_target(p, pm)[0][:, :prompt_len]
-        known = jax.random.categorical(k_prefix, prefix_logits, shape=(batch_size,))[:, None]
-        shape = (batch_size, prompt_len)
-        letters = jax.random.randint(k_letter, shape, first_letter, VOCAB_SIZE)
-        filler = jnp.where(jax.random.bernoulli(k_noise, noise, shape), letters, FILLER_ID)
-        body = jnp.where(jnp.arange(prompt_len)[None, :] < known, target, filler)
-        tokens, mask = _finish(body, jnp.full((batch_size,), prompt_len), prompt_len + 1)
-        return p, pm, tokens, mask
-
-    return Task(
-        name=name,
-        vocab_size=VOCAB_SIZE,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        prompts=prompts,
-        prompt_mask=prompt_mask,
-        max_new_tokens=prompt_len + 1,
-        reward_fn=reward_fn,
-        demonstrations=demonstrations,
-        description="reverse the prompt; pi_ref knows 1-2 tokens, optimum has prob < 1e-3",
-    )
-
-
-def make_copy_task(
-    *, name: str = "copy", num_prompts: int = 8, max_prompt_len: int = 3, noise: float = 0.3,
-    seed: int = 1,
-) -> Task:
-    """The easy task: copy the prompt (1..max_prompt_len tokens, left-padded), then EOS.
-
-    Reward: fraction of the L+1 target positions matched. Demonstrations: the target with each
-    token replaced, with probability ``noise``, by a uniform content token.
-    """
-    if not 0.0 <= noise <= 1.0:
-        raise ValueError(f"noise must lie in [0, 1]; got {noise!r}")
-    n_content = VOCAB_SIZE - FIRST_CONTENT
-    rng = np.random.default_rng(seed)
-    seen, rows = set(), []
-    while len(rows) < num_prompts:
-        length = int(rng.integers(1, max_prompt_len + 1))
-        row = tuple(int(t) for t in rng.integers(FIRST_CONTENT, VOCAB_SIZE, size=length))
-        if row not in seen:
-            seen.add(row)
-            rows.append(row)
-        if len(seen) >= sum(n_content**k for k in range(1, max_prompt_len + 1)):
-            break
-    prompts = np.full((len(rows), max_prompt_len), PAD_ID, np.int32)
-    prompt_mask = np.zeros_like(prompts)
-    for i, row in enumerate(rows):
-        prompts[i, max_prompt_len - len(row):] = row
-        prompt_mask[i, max_prompt_len - len(row):] = 1
-    width = max_prompt_len + 1
-
-    def reward_fn(prompts, prompt_mask, responses, response_mask):
-        target, length = left_align(prompts, prompt_mask)
-        return positional_match_reward(responses, response_mask, target, length, EOS_ID)
-
-    def demonstrations(key, batch_size):
-        k_prompt, k_noise, k_tok = jax.random.split(key, 3)
-        p, pm = _pick_prompts(k_prompt, prompts, prompt_mask, batch_size)
-        target, length = left_align(p, pm)
-        flip = jax.random.bernoulli(k_noise, noise, target.shape)
-        body = jnp.where(flip, _content_tokens(k_tok, target.shape), target)
-        tokens, mask = _finish(body, length, width)
-        return p, pm, tokens, mask
-
-    return Task(
-        name=name,
-        vocab_size=VOCAB_SIZE,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        prompts=prompts,
-        prompt_mask=prompt_mask,
-        max_new_tokens=width,
-        reward_fn=reward_fn,
-        demonstrations=demonstrations,
-        description="copy the prompt; noisy demonstrations, pi_ref often optimal",
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Registry
-
-DEFAULT_TASK = "hard-explore"
-TASKS: dict[str, Task] = {}
-
-
-def register_task(task: Task, *, overwrite: bool = False) -> Task:
-    """Add ``task`` to ``TASKS`` under ``task.name``; refuse to replace one unless ``overwrite``."""
-    if not isinstance(task, Task):
-        raise TypeError(f"register_task expects a Task; got {type(task).__name__}")
-    if task.name in TASKS and TASKS[task.name] is not task and not overwrite:
-        raise ValueError(f"a task named {task.name!r} is already registered (overwrite=True)")
-    TASKS[task.name] = task
-    return task
-
-
-def resolve_task(spec: str) -> Task:
-    """A registered task by name, or a user task as "package.module:attribute" (a Task, or a
-    function returning one), imported and registered under its own name: the CLI's --task."""
-    if ":" not in spec:
-        return get_task(spec)
-    import importlib
-    import os
-    import sys
-
-    if os.getcwd() not in sys.path:  # as `python -m` would: a task file next to the user's run
-        sys.path.insert(0, os.getcwd())
-    module, _, attr = spec.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"task {spec!r}: cannot import {attr!r} from {module!r} ({e})") from e
-    task = obj() if callable(obj) and not isinstance(obj, Task) else obj
-    if not isinstance(task, Task):
-        raise ValueError(f"task {spec!r} is a {type(task).__name__}, expected a Task")
-    return register_task(task, overwrite=True)
-
-
-def get_task(name: str = DEFAULT_TASK) -> Task:
-    """The registered task called ``name``."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
-    return TASKS[name]
-
-
-register_task(make_hard_explore_task())
-register_task(make_copy_task())

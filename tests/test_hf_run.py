@@ -1,27 +1,18 @@
 """`xpo-jax train --policy DIR --reward-model DIR --prompts FILE`, end to end on tiny checkpoints:
 the fused judge (shared vocabulary), the host judge (another tokenizer), and data-position resume."""
 import dataclasses
-import importlib.util
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
+from common import hf_test_config, make_tiny_hf, max_diff
+from xpo_jax import parallel as par
 from xpo_jax.checkpoint import Checkpointer
-from xpo_jax.config import TrainConfig
-from xpo_jax.train import Trainer, build_run
+from xpo_jax.run import build_run
+from xpo_jax.train import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = os.path.join(ROOT, "experiments", "data", "prompts_tiny.jsonl")
-
-
-def make_tiny_hf(out, *extra):
-    spec = importlib.util.spec_from_file_location("make_tiny_hf", os.path.join(ROOT, "experiments", "make_tiny_hf.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main([str(out), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +24,14 @@ def dirs(tmp_path_factory):
 
 
 def cfg_for(policy, rm, base, name, **kw):
-    opts = dict(rounds=2, batch_size=4, max_new_tokens=8, max_prompt_length=48, progress=False, tensorboard=False,
-                eval_every=0)
-    return TrainConfig(policy=str(policy), reward_model=str(rm), prompts=PROMPTS, run_dir=str(base), name=name,
-                       **{**opts, **kw})
+    return hf_test_config(policy, rm, base, name, **kw)
 
 
 def test_fused_judge_when_vocabularies_match(dirs):
     policy, rm, _, base = dirs
     cfg = cfg_for(policy, rm, base, "fused")
     run = build_run(cfg)
-    assert run.fused
+    assert run.oracle is not None and run.judge is None
     t = Trainer(cfg, run=run)
     t.run()
     rows = [json.loads(l) for l in open(base / "fused" / "metrics.jsonl")]
@@ -56,7 +44,7 @@ def test_host_judge_with_another_tokenizer_and_exact_resume(dirs):
     policy, _, other_rm, base = dirs
     cfg = cfg_for(policy, other_rm, base, "host", rounds=4, checkpoint_every=2)
     run = build_run(cfg)
-    assert not run.fused
+    assert run.oracle is None and run.judge is not None
     straight = Trainer(cfg, run=run)
     straight.run()
     # Fusing a judge that reads other ids is refused with a clear message.
@@ -71,3 +59,25 @@ def test_host_judge_with_another_tokenizer_and_exact_resume(dirs):
     for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(straight.state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     assert Checkpointer(str(base / "host2" / "checkpoints")).latest_round() == 4
+
+
+@pytest.mark.parametrize("judge", ["fused", "host"])
+def test_hf_run_on_a_4x2_mesh_matches_one_device(dirs, judge):
+    """The same Trainer on a data 4 x fsdp 2 mesh: the one-device metrics to float rounding,
+    with the weights loaded straight into their shardings."""
+    policy, rm, other_rm, base = dirs
+    rows, states = [], []
+    for mesh in (par.make_mesh(1, 1, devices=jax.devices()[:1]), par.make_mesh(4, 2)):
+        name = f"mesh-{judge}-{mesh.devices.size}"
+        cfg = cfg_for(policy, rm if judge == "fused" else other_rm, base, name, batch_size=8)
+        t = Trainer(cfg, mesh=mesh)
+        t.run()
+        rows.append([json.loads(l) for l in open(base / name / "metrics.jsonl")])
+        states.append(t.state)
+    for a, b in zip(*rows):
+        for k in ("loss", "objective/kl", "rewards/margins", "objective/model_scores", "grad_norm"):
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+        assert a["val/model_length"] == b["val/model_length"]
+    assert max_diff(states[0].params, states[1].params) <= 5e-5
+    emb = states[1].params["model"]["embed_tokens"]["embedding"]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)

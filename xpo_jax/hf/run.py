@@ -1,0 +1,216 @@
+"""The pieces of an online XPO run on Hugging Face checkpoints: model, prompt stream, judge.
+
+    xpo-jax train --policy DIR --reward-model DIR --prompts FILE.jsonl [--max-new-tokens 64 ...]
+
+The policy checkpoint is both the starting policy and the frozen reference. Prompts are read
+through TFDS (array_record, no TensorFlow) by a deterministic, resumable iterator; each process
+of a multi-host run reads only its own rows of every global batch (`FilePrompts`), and every
+process's position goes into each checkpoint. Prompts are encoded with the policy's tokenizer
+(chat rows through its chat template), left-padded to --max-prompt-length.
+
+The judge. When the reward model reads the policy's token ids (same vocabulary), it is a JAX
+oracle inside the fused round: one XLA program per round. When it has its own tokenizer, token
+ids mean different things to the two models (TRL's XPOTrainer then indexes out of range or
+scores garbage, TRL issue #6955), so the round runs in its two jitted halves with `HostJudge`
+between them: responses are decoded with the policy's tokenizer and the (prompt, response)
+conversation is re-encoded with the reward model's own tokenizer and chat template.
+
+`build_hf_pieces` returns these pieces; `xpo_jax.run.build_run` assembles them into a Run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from xpo_jax.config import TrainConfig
+from xpo_jax.models.hf import load_hf
+from xpo_jax.models.transformer import RewardModel, Transformer
+from xpo_jax.oracles import reward_model_oracle
+from xpo_jax.parallel import barrier, param_sharding_fn
+from xpo_jax.hf.tokenizer import TextTokenizer
+
+Array = jax.Array
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def same_vocabulary(a: TextTokenizer, b: TextTokenizer) -> bool:
+    """True when both tokenizers map every string to the same ids (same vocab and specials)."""
+    return a.vocab_size == b.vocab_size and a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+
+
+class FilePrompts:
+    """A host prompt stream: `next_local(rows)` encodes this process's rows of the next global
+    batch. Position: (epoch, index) of the iterator plus the truncation counters, one vector per
+    process (`position` / `restore`).
+
+    With truncation="drop", over-long prompts are replaced from this process's share of the
+    following reads, so the batch shape (and the compiled round) never changes; the rows beyond
+    a full batch in the last read are skipped. Without drops every process's rows are exactly its
+    slice of the one-process batch. A full pass over the data with no prompt that fits is an
+    error, not an endless loop."""
+
+    in_graph = False
+
+    def __init__(self, iterator: Any, tokenizer: TextTokenizer, cfg: TrainConfig, fingerprint: str):
+        self.iterator = iterator
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.fingerprint = fingerprint  # sha256 of the prompt files' contents
+        self.num_prompts = len(iterator.source)
+        self.stats = {"num_truncated": 0, "num_dropped": 0}
+
+    def next_local(self, rows: slice) -> tuple[list, np.ndarray, np.ndarray]:
+        """(prompt rows, tokens [b, P], mask [b, P]) for this process's `rows` of the batch."""
+        want = rows.stop - rows.start
+        kept_rows, toks, masks, read_since_kept = [], [], [], 0
+        while len(kept_rows) < want:
+            batch = self.iterator.next_rows(rows)
+            t, m, stats = self.tokenizer.encode_prompts(batch, max_prompt_length=self.cfg.max_prompt_length,
+                                                        truncation=self.cfg.truncation)
+            self.stats["num_truncated"] += stats["num_truncated"]
+            self.stats["num_dropped"] += stats["num_dropped"]
+            read_since_kept = 0 if stats["kept"] else read_since_kept + len(batch)
+            if read_since_kept >= self.num_prompts:
+                raise ValueError(
+                    f"--truncation drop: no prompt of a full pass over --prompts={self.cfg.prompts!r} fits "
+                    f"--max-prompt-length={self.cfg.max_prompt_length}; raise it or use --truncation left")
+            kept_rows += [batch[i] for i in stats["kept"]]
+            toks.append(t)
+            masks.append(m)
+        return kept_rows[:want], np.concatenate(toks)[:want], np.concatenate(masks)[:want]
+
+    def position(self) -> list[int]:
+        s = self.iterator.state()
+        return [int(s["epoch"]), int(s["index"]), self.stats["num_truncated"], self.stats["num_dropped"]]
+
+    def restore(self, position: list[int]) -> None:
+        epoch, index, truncated, dropped = (int(v) for v in position)
+        self.iterator.restore({"epoch": epoch, "index": index})
+        self.stats = {"num_truncated": truncated, "num_dropped": dropped}
+
+
+@dataclasses.dataclass
+class HostJudge:
+    """A reward model with its own tokenizer, between the round's jitted halves: `encode` (host)
+    re-tokenises (prompt, response) for it; `score` (pure) runs it."""
+
+    tokenizer: TextTokenizer
+    rm_tokenizer: TextTokenizer
+    rm_apply: Callable
+    rm_params: Any
+    width: int  # fixed re-encoded length: one compilation
+
+    def encode(self, rows: list, responses: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Re-encode (prompt, response) with the reward model's tokenizer, left-padded."""
+        texts = []
+        for row, ids, m in zip(rows, responses, mask):
+            reply = self.tokenizer.decode(ids[m > 0], skip_special_tokens=True)
+            if isinstance(row, str):
+                texts.append(self.rm_tokenizer.encode(row + reply))
+            elif self.rm_tokenizer.chat_template:
+                conv = list(row) + [{"role": "assistant", "content": reply}]
+                texts.append(self.rm_tokenizer.encode(self.rm_tokenizer.apply_chat_template(conv, add_generation_prompt=False),
+                                                      add_special_tokens=False))
+            else:
+                texts.append(self.rm_tokenizer.encode("\n".join(t["content"] for t in row) + reply))
+        tok = np.full((len(texts), self.width), self.rm_tokenizer.pad_id, np.int32)
+        msk = np.zeros((len(texts), self.width), np.int32)
+        for i, ids in enumerate(texts):
+            ids = ids[-self.width:]
+            tok[i, self.width - len(ids):] = ids
+            msk[i, self.width - len(ids):] = 1
+        return tok, msk
+
+    def score(self, rm_params: Any, tokens: Array, mask: Array) -> Array:
+        return self.rm_apply({"params": rm_params}, tokens, mask)
+
+
+@dataclasses.dataclass
+class HFPieces:
+    apply_fn: Callable
+    ref_params: Any
+    tokenizer: TextTokenizer
+    max_new_tokens: int
+    oracle: Optional[Callable]
+    judge: Optional[HostJudge]
+    prompts: FilePrompts
+    evaluator: Any = None
+
+
+def _check_dir(flag: str, path: str, need: tuple[str, ...]) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"--{flag}={path!r}: no such directory")
+    for f in need:
+        if not os.path.exists(os.path.join(path, f)):
+            raise ValueError(f"--{flag}={path!r}: no {f} in it")
+
+
+def check_hf_inputs(cfg: TrainConfig) -> None:
+    """What can be checked about the files before anything is loaded: directories, config.json,
+    tokenizer.json and the prompt files exist (each error names the flag and the path)."""
+    _check_dir("policy", cfg.policy, ("config.json", "tokenizer.json"))
+    _check_dir("reward-model", cfg.reward_model, ("config.json", "tokenizer.json"))
+    for p in (p for p in cfg.prompts.split(",") if p):
+        import glob
+
+        if not glob.glob(p):
+            raise ValueError(f"--prompts: no file matches {p!r}")
+
+
+def _load(flag: str, path: str, want_kind: str, sharding_fn: Optional[Callable]):
+    try:
+        config, params, kind = load_hf(path, shardings=sharding_fn) if sharding_fn else load_hf(path)
+    except (OSError, KeyError, ValueError, NotImplementedError) as e:
+        raise ValueError(f"--{flag}={path!r}: {e}") from e
+    if kind != want_kind:
+        raise ValueError(f"--{flag}={path!r} holds a {kind}, expected a {want_kind}")
+    return config, params
+
+
+def build_hf_pieces(cfg: TrainConfig, mesh: Any = None) -> HFPieces:
+    from xpo_jax.hf.data import PromptIterator, _hash_files, _resolve_paths, build_prompt_dataset
+
+    check_hf_inputs(cfg)
+    sharding_fn = None
+    if mesh is not None:
+        sharding_fn = param_sharding_fn(mesh)
+    tok = TextTokenizer.from_dir(cfg.policy)
+    rm_tok = TextTokenizer.from_dir(cfg.reward_model)
+    pol_cfg, params = _load("policy", cfg.policy, "causal_lm", sharding_fn)
+    rm_cfg, rm_params = _load("reward-model", cfg.reward_model, "reward_model", sharding_fn)
+    for flag, t, c in (("policy", tok, pol_cfg), ("reward-model", rm_tok, rm_cfg)):
+        if t.vocab_size > c.vocab_size:
+            raise ValueError(f"--{flag}={getattr(cfg, flag.replace('-', '_'))!r}: the tokenizer has {t.vocab_size} "
+                             f"tokens but the model only {c.vocab_size} embeddings")
+    shared = same_vocabulary(tok, rm_tok) and rm_cfg.vocab_size == pol_cfg.vocab_size
+    fused = shared if cfg.fuse_judge is None else cfg.fuse_judge
+    if fused and not shared:
+        raise ValueError(
+            f"--fuse-judge: the reward model's tokenizer ({cfg.reward_model}) differs from the policy's "
+            f"({cfg.policy}); its ids would be scored as garbage. Leave --fuse-judge unset to judge on the host.")
+    n = cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    need = cfg.max_prompt_length + n
+    if pol_cfg.max_seq_len < need:
+        raise ValueError(f"--max-prompt-length + --max-new-tokens = {need} exceeds the policy's max_seq_len "
+                         f"{pol_cfg.max_seq_len}")
+    model, rm = Transformer(pol_cfg), RewardModel(rm_cfg)
+    oracle = judge = None
+    if fused:
+        oracle = reward_model_oracle(rm.apply, rm_params, eos_id=tok.eos_id, bradley_terry=cfg.bradley_terry,
+                                     missing_eos_penalty=cfg.missing_eos_penalty, mask_identical=cfg.mask_identical)
+    else:
+        judge = HostJudge(tok, rm_tok, rm.apply, rm_params, width=cfg.max_prompt_length + 4 * n)
+    paths = _resolve_paths([p for p in cfg.prompts.split(",") if p])
+    data_dir = os.path.join(cfg.run_dir, cfg.name, "data")
+    if jax.process_index() == 0:  # prepare once (shared storage), then every process opens it
+        build_prompt_dataset(paths, data_dir)
+    barrier("xpo_jax:prompt-dataset")
+    source = build_prompt_dataset(paths, data_dir)
+    iterator = PromptIterator(source, cfg.batch_size, seed=cfg.seed)
+    prompts = FilePrompts(iterator, tok, cfg, fingerprint=_hash_files(paths))
+    return HFPieces(model.apply, params, tok, n, oracle, judge, prompts)

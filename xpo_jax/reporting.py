@@ -1,0 +1,231 @@
+"""Reporting: what a run and a sweep write for people to read. Metrics logs, summary tables,
+learning-curve plots, the sweep's CSV, heatmap and curves. Host-side numpy and matplotlib only;
+nothing here trains.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+# Sweep outputs: CSV column order (columns missing from a table are left out).
+CSV_COLUMNS = ("alpha", "beta", "seed", "j_beta", "reward", "kl", "p_optimal", "j_star", "j_beta_late", "ref_j_beta",
+               "ref_reward", "ref_p_optimal", "sampled_reward")
+
+
+# ----------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (a kill mid-write) is skipped; a bad line
+    anywhere else is an error naming the file and line."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if all(not rest.strip() for rest in lines[i + 1:]):
+                break  # the last line, cut short
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    return rows
+
+
+def write_summary(out_dir: str, summary: dict) -> str:
+    """summary.json and summary.md (a two-column table); returns the table."""
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    table = ["| metric | value |", "|---|---|"] + [
+        f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()
+    ]
+    text = "\n".join(table)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def plot_run_curves(rows: list[dict], path: str, title: str = "") -> None:
+    """Learning curves: exact J_beta / reward / KL (eval rows) and the sampled reward per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ev = [r for r in rows if "eval/j_beta" in r]
+    tr = [r for r in rows if "loss" in r]
+    if ev:
+        x = [r["round"] for r in ev]
+        axes[0].plot(x, [r["eval/j_beta"] for r in ev], "o-", label="exact J_beta")
+        axes[0].plot(x, [r["eval/reward"] for r in ev], "s--", label="exact E[r]")
+        axes[0].axhline(ev[0]["eval/j_beta"], color="grey", lw=0.8, ls=":", label="reference J_beta")
+        axes[0].plot(x, [r["eval/j_star"] for r in ev], color="k", lw=0.8, ls="--", label="optimal J_beta")
+        axes[2].plot(x, [r["eval/p_optimal"] for r in ev], "o-", label="P(optimal response)")
+        axes[2].set_yscale("log")
+    if tr:
+        x = [r["round"] for r in tr]
+        if "task/reward" in tr[0]:
+            axes[1].plot(x, [r["task/reward"] for r in tr], lw=0.8, label="reward of policy samples")
+        axes[1].plot(x, [r["objective/kl"] for r in tr], lw=0.8, label="KL estimate")
+    for ax, t in zip(axes, ("exact objective", "per round", "exploration")):
+        ax.set_title(t)
+        ax.set_xlabel("round")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps
+# ----------------------------------------------------------------------------------------------
+
+
+def write_csv(path: str, final: dict) -> None:
+    cols = [c for c in CSV_COLUMNS if c in final]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for i in range(final["alpha"].shape[0]):
+            w.writerow([_fmt(final[c][i], c) for c in cols])
+
+
+def _fmt(v, col: str) -> str:
+    if col == "seed":
+        return str(int(v))
+    return f"{float(v):.6g}"
+
+
+def read_csv(path: str) -> dict:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.asarray([float(r[k]) for r in rows]) for k in rows[0]}
+
+
+def seed_table(final: dict, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(alphas [A], betas [Bt], mean [A, Bt], std [A, Bt]) of `metric` over seeds."""
+    alphas = np.unique(final["alpha"])
+    betas = np.unique(final["beta"])
+    mean = np.full((len(alphas), len(betas)), np.nan)
+    std = np.full_like(mean, np.nan)
+    for i, a in enumerate(alphas):
+        for j, b in enumerate(betas):
+            sel = (final["alpha"] == a) & (final["beta"] == b)
+            v = np.asarray(final[metric])[sel]
+            mean[i, j], std[i, j] = np.mean(v), np.std(v)
+    return alphas, betas, mean, std
+
+
+HEATMAP_PANELS = (("j_beta", "exact J_beta (final)"), ("reward", "exact E[r] (final)"), ("kl", "KL(pi || pi_ref)"))
+
+
+def plot_heatmap(final: dict, path: str, title: str = "", panels: Sequence = HEATMAP_PANELS) -> None:
+    """Final exact J_beta, true reward and KL (or `panels`: (metric, title) pairs) averaged over
+    seeds; rows alpha, columns beta."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, t) for m, t in panels if m in final]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 0.5 * len(np.unique(final["alpha"])) + 2.4))
+    for ax, (metric, t) in zip(np.atleast_1d(axes), panels):
+        alphas, betas, mean, std = seed_table(final, metric)
+        im = ax.imshow(mean, aspect="auto", cmap="viridis" if metric != "kl" else "magma")
+        for i in range(mean.shape[0]):
+            for j in range(mean.shape[1]):
+                ax.text(j, i, f"{mean[i, j]:.3g}\n±{std[i, j]:.2g}", ha="center", va="center", fontsize=7,
+                        color="white" if mean[i, j] < np.nanmean(mean) else "black")
+        ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
+        ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_xlabel("beta")
+        ax.set_ylabel("alpha (0 = online DPO)")
+        ax.set_title(t, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    n_seeds = len(np.unique(final["seed"]))
+    fig.suptitle(f"{title} (mean ± std over {n_seeds} seeds)".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep_curves(final: dict, curves: dict, path: str, metric: str = "eval/j_beta", title: str = "") -> None:
+    """Learning curves of `metric` per alpha (seed mean ± std band), one panel per beta, with
+    pi_ref's value (dotted) and the optimum J* (dashed) when known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(curves[metric])
+    R = y.shape[1]
+    rounds = np.arange(1, R + 1)
+    evaluated = ~np.all(np.isnan(y), axis=0)
+    alphas, betas = np.unique(final["alpha"]), np.unique(final["beta"])
+    fig, axes = plt.subplots(1, len(betas), figsize=(4.4 * len(betas), 3.6), squeeze=False, sharey=False)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(alphas)))
+    for ax, b in zip(axes[0], betas):
+        for a, c in zip(alphas, colors):
+            sel = (final["alpha"] == a) & (final["beta"] == b)
+            v = y[sel][:, evaluated]
+            x = rounds[evaluated]
+            if metric == "eval/j_beta" and "ref_j_beta" in final:  # round 0: the policy is pi_ref
+                v = np.concatenate([np.asarray(final["ref_j_beta"])[sel][:, None], v], axis=1)
+                x = np.concatenate([[0], x])
+            m, s = np.nanmean(v, 0), np.nanstd(v, 0)
+            ax.plot(x, m, "-", color=c, lw=1.4, label=f"alpha={a:g}" + (" (DPO)" if a == 0 else ""))
+            ax.fill_between(x, m - s, m + s, color=c, alpha=0.18, lw=0)
+        sel_b = final["beta"] == b
+        if metric == "eval/j_beta" and "ref_j_beta" in final:
+            ax.axhline(float(np.mean(final["ref_j_beta"][sel_b])), color="grey", ls=":", lw=1, label="pi_ref")
+        if metric == "eval/j_beta" and "j_star" in final:
+            ax.axhline(float(np.mean(final["j_star"][sel_b])), color="k", ls="--", lw=0.8, label="optimum J*")
+        ax.set_title(f"beta = {b:g}")
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep_outputs(out_dir: str, cfg: Any, final: dict, curves: dict, info: Optional[dict] = None) -> dict:
+    """sweep.csv, heatmap.png, curves.png, curves.npz and sweep.json in `out_dir`; returns paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, v) for k, v in (("csv", "sweep.csv"), ("heatmap", "heatmap.png"),
+                                                       ("curves", "curves.png"), ("npz", "curves.npz"),
+                                                       ("json", "sweep.json"))}
+    write_csv(paths["csv"], final)
+    title = f"{cfg.name}: {cfg.task}, {cfg.rounds} rounds"
+    plot_heatmap(final, paths["heatmap"], title=title)
+    if "eval/j_beta" in curves:
+        plot_sweep_curves(final, curves, paths["curves"], title=title)
+    np.savez_compressed(paths["npz"], **{k.replace("/", "__"): v for k, v in curves.items()},
+                        **{"final__" + k: v for k, v in final.items()})
+    with open(paths["json"], "w") as f:
+        json.dump({"config": cfg.to_dict(), "cells": int(final["alpha"].shape[0]), **(info or {})}, f, indent=1)
+    return paths
+
+
+def summary_table(final: dict, metric: str = "j_beta") -> str:
+    """Markdown: mean ± std over seeds of `metric`, rows alpha, columns beta."""
+    alphas, betas, mean, std = seed_table(final, metric)
+    lines = [f"| {metric}: alpha \\ beta | " + " | ".join(f"{b:g}" for b in betas) + " |",
+             "|---|" + "---|" * len(betas)]
+    for i, a in enumerate(alphas):
+        lines.append(f"| {a:g}{' (DPO)' if a == 0 else ''} | "
+                     + " | ".join(f"{mean[i, j]:.4f} ± {std[i, j]:.4f}" for j in range(len(betas))) + " |")
+    return "\n".join(lines)

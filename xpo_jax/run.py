@@ -1,0 +1,173 @@
+"""The Run: everything built once on the host for a config, for a task or for HF checkpoints.
+
+`build_run(cfg, mesh=None)` is the one builder. The trainer (`xpo_jax.train`), the pure training
+program (`make_train`), sweeps and pmap all read a Run through this contract and nothing else:
+
+    cfg            the validated TrainConfig
+    apply_fn       the policy module's `apply` (a module with `hidden`, `head`, `init_cache`,
+                   `prefill` and `decode`: the decoder, or any policy of that interface)
+    ref_params     the frozen reference parameters; the policy starts as a copy of them
+    tx             the optax optimiser
+    prompt_len, max_new_tokens    the static shapes of a round: prompts [B, P], responses [B, N]
+    fns            `RoundFns` (make_pairs, update, round_fn(state, prompts, mask, oracle))
+    make_round     axis_name -> RoundFns: the same round for code under pmap / shard_map
+    oracle         the JAX oracle (a pytree: a reward model's parameters are its leaves, traced
+                   and sharded like any input), or None when the judge runs on the host
+    judge          the host judge (a reward model with its own tokenizer) when oracle is None
+    prompts        where a round's prompts come from. `in_graph` sources (built-in and user
+                   tasks) are a pure function `batch(data_key, round)`, so a whole run can be one
+                   `lax.scan`; host streams (prompt files) are read on the host, each process
+                   reading only its own rows, with a position that goes into every checkpoint
+    evaluator      what `eval/*` measures, or None: the exact evaluation of a task (pure, also
+                   inside `make_train`), or a held-out evaluation of an HF run (host-driven)
+    task           the Task of a task run, else None
+
+Layering: this module sits above the pure core (round, state, oracles, models), the tasks and
+the HF pieces, and below the trainer and the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from xpo_jax.config import TrainConfig
+from xpo_jax.models.transformer import Transformer
+from xpo_jax.oracles import reward_fn_oracle
+from xpo_jax.round import RoundFns, make_optimizer, make_round
+from xpo_jax.state import Hyperparams, XPOState, initial_state
+from xpo_jax.tasks import Task, make_reference, resolve_task
+
+Array = jax.Array
+
+EXACT_EVAL_KEYS = ("eval/reward", "eval/kl", "eval/j_beta", "eval/p_optimal", "eval/j_star")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPrompts:
+    """A task's prompts: round r's batch is a pure function of (data_key, r), so a resumed run
+    and every host of a multi-host run draw the same batch, and the draw can sit inside the
+    compiled round."""
+
+    task: Task
+    batch_size: int
+    in_graph = True
+
+    def batch(self, data_key: Array, round_idx) -> tuple[Array, Array]:
+        return self.task.sample_prompts(jax.random.fold_in(data_key, round_idx), self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactEval:
+    """Exact evaluation of a task's policy against the reference (every response enumerated):
+    `eval/reward`, `eval/kl`, `eval/j_beta`, `eval/p_optimal`, `eval/j_star`. Pure: it runs
+    inside `make_train`'s scan as well as from the host loop."""
+
+    task: Task
+    apply_fn: Callable
+    num_rounds: int
+    in_graph = True
+    keys = EXACT_EVAL_KEYS
+
+    def __call__(self, state: XPOState) -> dict:
+        """At the beta of the state's last completed round (the schedule clips round -1, the
+        reference's own evaluation, to round 0)."""
+        _, beta = state.hparams.scheduled(state.round - 1, self.num_rounds)
+        out = self.task.exact_eval(self.apply_fn, state.params, state.ref_params, beta)
+        return {f"eval/{k.split('/', 1)[1]}": out[k.split("/", 1)[1]] for k in self.keys}
+
+
+@dataclasses.dataclass
+class Run:
+    """See the module docstring for the contract."""
+
+    cfg: TrainConfig
+    apply_fn: Callable
+    ref_params: Any
+    tx: Any
+    prompt_len: int
+    max_new_tokens: int
+    fns: RoundFns
+    make_round: Callable[..., RoundFns]
+    oracle: Optional[Callable]
+    prompts: Any
+    judge: Any = None
+    evaluator: Any = None
+    task: Optional[Task] = None
+    extras: dict = dataclasses.field(default_factory=dict)  # kind-specific pieces (tokenizer, ...)
+
+    def hparams(self) -> Hyperparams:
+        return Hyperparams.from_config(self.cfg)
+
+    def init_state(self, key: Array, hparams: Hyperparams, ref_params: Any = None) -> XPOState:
+        """Round 0: the policy is a copy of the reference. Pass `ref_params` explicitly under jit
+        (a closed-over array would be baked into the program as a constant)."""
+        return initial_state(self.cfg, apply_fn=self.apply_fn, ref_params=self.ref_params if ref_params is None
+                             else ref_params, tx=self.tx, key=key, hparams=hparams, prompt_len=self.prompt_len,
+                             max_new_tokens=self.max_new_tokens)
+
+    def state_shapes(self, hparams: Optional[Hyperparams] = None) -> XPOState:
+        """The state's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), nothing materialised."""
+        hp = self.hparams() if hparams is None else hparams
+        return jax.eval_shape(self.init_state, jax.random.PRNGKey(0), hp, self.ref_params)
+
+    def data_key(self, key: Array) -> Array:
+        return jax.random.fold_in(key, 0x5EED)
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders
+# ----------------------------------------------------------------------------------------------
+
+
+def build_run(cfg: TrainConfig, mesh: Any = None) -> Run:
+    """The Run for `cfg`: a built-in or user task (`--task`), or HF checkpoints and a prompt
+    file (`--policy`). With `mesh`, HF checkpoints load straight into their shardings."""
+    cfg.validate()
+    if cfg.policy is not None:
+        return _build_hf_run(cfg, mesh)
+    return _build_task_run(cfg)
+
+
+def _round_builder(cfg: TrainConfig, **kwargs) -> Callable[..., RoundFns]:
+    """axis_name -> RoundFns with every other argument fixed (the one place a run's round is made)."""
+    return lambda axis_name=None: make_round(cfg, axis_name=axis_name, **kwargs)
+
+
+def _build_task_run(cfg: TrainConfig) -> Run:
+    task = resolve_task(cfg.task)
+    n = cfg.max_new_tokens or task.max_new_tokens
+    if n > task.max_new_tokens:
+        raise ValueError(f"--max-new-tokens={n} exceeds task {task.name!r}'s limit {task.max_new_tokens}")
+    model = Transformer(task.model_config)
+    ref_params = make_reference(task, jax.random.PRNGKey(cfg.reference_seed))
+    oracle = reward_fn_oracle(
+        task.reward_fn, eos_id=task.eos_id, bradley_terry=cfg.bradley_terry,
+        missing_eos_penalty=cfg.missing_eos_penalty, mask_identical=cfg.mask_identical,
+    )
+    tx, schedule = make_optimizer(cfg)
+    builder = _round_builder(cfg, apply_fn=model.apply, eos_id=task.eos_id, pad_id=task.pad_id, max_new_tokens=n,
+                             true_reward_fn=task.reward_fn, lr_schedule=schedule)
+    return Run(cfg=cfg, apply_fn=model.apply, ref_params=ref_params, tx=tx, prompt_len=task.prompt_len,
+               max_new_tokens=n, fns=builder(), make_round=builder, oracle=oracle,
+               prompts=TaskPrompts(task, cfg.batch_size), evaluator=ExactEval(task, model.apply, cfg.rounds),
+               task=task)
+
+
+def _build_hf_run(cfg: TrainConfig, mesh: Any) -> Run:
+    from xpo_jax.hf.run import build_hf_pieces
+
+    p = build_hf_pieces(cfg, mesh)
+    tx, schedule = make_optimizer(cfg)
+    builder = _round_builder(cfg, apply_fn=p.apply_fn, eos_id=p.tokenizer.eos_id, pad_id=p.tokenizer.pad_id,
+                             max_new_tokens=p.max_new_tokens, lr_schedule=schedule)
+    return Run(cfg=cfg, apply_fn=p.apply_fn, ref_params=p.ref_params, tx=tx, prompt_len=cfg.max_prompt_length,
+               max_new_tokens=p.max_new_tokens, fns=builder(), make_round=builder, oracle=p.oracle,
+               prompts=p.prompts, judge=p.judge, evaluator=p.evaluator, extras={"tokenizer": p.tokenizer})
+
+
+def sample_prompts_host(run: Run, data_key: Array, round_idx: int) -> tuple[Any, Any]:
+    """Round `round_idx`'s whole batch of an in-graph prompt source, on the host (numpy)."""
+    return jax.device_get(jax.jit(run.prompts.batch)(data_key, jnp.int32(round_idx)))
