@@ -1,4 +1,4 @@
-"""Tests for xpo_jax.data: TFDS array_record prompt datasets (no TensorFlow) and PromptIterator."""
+"""Tests for xpo_jax.hf.data: TFDS array_record prompt datasets (no TensorFlow) and PromptIterator."""
 import json
 import os
 import re
@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
-from xpo_jax.data import PromptDataSource, PromptIterator, build_prompt_dataset, num_examples, prompt_from_row
+from xpo_jax.hf.data import PromptDataSource, PromptIterator, build_prompt_dataset, num_examples, prompt_from_row
 
 REPO = Path(__file__).resolve().parents[1]
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
@@ -217,6 +217,65 @@ def test_invalid_json_and_parquet_errors(tmp_path):
         build_prompt_dataset(bad_row, tmp_path / "tfds")
 
 
+def test_binary_jsonl_names_file_and_line(tmp_path):
+    """A gzipped (or otherwise binary) file named .jsonl: a ValueError naming file and line, not a
+    raw UnicodeDecodeError."""
+    import gzip
+    gz = tmp_path / "prompts.jsonl"
+    gz.write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 50))
+    with pytest.raises(ValueError, match=re.escape(f"{gz}: line 1: not UTF-8 text (byte 0x8b")):
+        build_prompt_dataset(gz, tmp_path / "tfds")
+    # The bad line is the one named, also after good lines.
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{mixed}: line 2: not UTF-8 text (byte 0xe9")):
+        build_prompt_dataset(mixed, tmp_path / "tfds")
+    assert prepared_configs(tmp_path / "tfds") == []
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "h\u00e9"}\n'.encode())
+    assert list(build_prompt_dataset(src, tmp_path / "tfds")) == ["h\u00e9"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"prompt": "a\\ud800b"}\n', r"line 1: the prompt text is not valid Unicode \(surrogates not allowed"),
+    ('{"messages": [{"role": "user", "content": "\\udfff"}]}\n', "line 1: the prompt text is not valid Unicode"),
+    ("[" * 100_000 + "]" * 100_000 + "\n", r"line 1: invalid JSON \(nested too deeply"),
+], ids=["lone-surrogate-prompt", "lone-surrogate-message", "deep-nesting"])
+def test_malformed_jsonl_names_file_and_line(tmp_path, text, message):
+    src = tmp_path / "bad.jsonl"
+    src.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(str(src)) + ": " + message):
+        build_prompt_dataset(src, tmp_path / "tfds")
+
+
+def test_unreadable_parquet_names_file(tmp_path):
+    data_dir = tmp_path / "tfds"
+    good = write_parquet(tmp_path / "good.parquet", {"prompt": [f"prompt {i} " * 20 for i in range(500)]})
+    data = good.read_bytes()
+    cases = {
+        "random.parquet": os.urandom(2000),
+        "text.parquet": b"prompt\nhello\n",
+        "empty.parquet": b"",
+        "truncated.parquet": data[: len(data) // 2],
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable Parquet file (ArrowInvalid")):
+            build_prompt_dataset(path, data_dir)
+    # Valid footer, corrupt data pages: the error comes while reading rows.
+    corrupt = bytearray(data)
+    corrupt[100:400] = b"\xff" * 300
+    path = tmp_path / "corrupt.parquet"
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: corrupt Parquet data at or after row 0")):
+        build_prompt_dataset(path, data_dir)
+    assert prepared_configs(data_dir) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # PromptIterator
 # ---------------------------------------------------------------------------------------------
@@ -305,3 +364,117 @@ def test_iterator_errors():
         it.restore({"epoch": 0})
     with pytest.raises(ValueError, match="out of range for 5 prompts"):
         it.restore({"epoch": 0, "index": 4})  # only 4 of 5 are served per epoch with batch 2
+
+
+class SpySource(list):
+    """A list (so: `__getitem__` only) that records every index read."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.reads = []
+
+    def __getitem__(self, i):
+        self.reads.append([i])
+        return super().__getitem__(i)
+
+
+class BatchedSpySource(SpySource):
+    """Also has the batched `__getitems__` (as `PromptDataSource`): one recorded read per call."""
+
+    def __getitems__(self, indices):
+        self.reads.append(list(indices))
+        return [list.__getitem__(self, i) for i in indices]
+
+
+def _splits(batch_size, rng):
+    """A random split of range(batch_size) into contiguous slices (some empty, one open-ended)."""
+    cuts = sorted(rng.integers(0, batch_size + 1, size=rng.integers(1, 4)).tolist())
+    bounds = [0] + cuts + [None]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@pytest.mark.parametrize("drop_remainder", [True, False])
+@pytest.mark.parametrize("source_cls", [BatchedSpySource, SpySource])
+def test_next_rows_hosts_together_read_the_batch(source_cls, drop_remainder):
+    """Three "hosts", each with its own iterator (same seed, same resumed state) and its own
+    fixed slice: together they read the one-iterator batch, over several epochs; their states
+    always agree with it; and each reads only its own rows from the source."""
+    n, batch_size = 23, 5
+    kwargs = dict(seed=4, drop_remainder=drop_remainder, state={"epoch": 1, "index": 5})
+    whole = PromptIterator([f"p{i}" for i in range(n)], batch_size, **kwargs)
+    hosts = [slice(0, 2), slice(2, 3), slice(3, None)]
+    sources = [source_cls([f"p{i}" for i in range(n)]) for _ in hosts]
+    its = [PromptIterator(src, batch_size, **kwargs) for src in sources]
+    for step in range(20):  # 4 epochs
+        start, order = whole.state()["index"], whole._epoch_order().copy()
+        batch = next(whole)
+        parts = [it.next_rows(rows) for it, rows in zip(its, hosts)]
+        assert sum(parts, []) == batch, step
+        assert all(it.state() == whole.state() for it in its), step
+        for src, rows in zip(sources, hosts):
+            want = [int(i) for i in order[start : start + len(batch)][rows]]
+            if source_cls is BatchedSpySource:
+                assert src.reads == ([want] if want else []), step
+            else:
+                assert src.reads == [[i] for i in want], step
+            src.reads.clear()
+    assert whole.state()["epoch"] >= 5
+
+
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_next_rows_any_contiguous_split(drop_remainder):
+    """For random splits of each batch into contiguous slices, iterators created from the same
+    state and each reading one slice return, concatenated, the one-iterator batch."""
+    n, batch_size = 17, 6
+    rng = np.random.default_rng(1)
+    source = [f"p{i}" for i in range(n)]
+    kwargs = dict(seed=11, drop_remainder=drop_remainder)
+    whole = PromptIterator(source, batch_size, **kwargs)
+    for step in range(15):  # several epochs
+        state = whole.state()
+        batch = next(whole)
+        split = _splits(batch_size, rng)
+        spies = [BatchedSpySource(source) for _ in split]
+        parts = []
+        for spy, rows in zip(spies, split):
+            it = PromptIterator(spy, batch_size, state=state, **kwargs)
+            parts.append(it.next_rows(rows))
+            assert it.state() == whole.state()
+            assert spy.reads == ([[source.index(p) for p in parts[-1]]] if parts[-1] else [])
+        assert sum(parts, []) == batch, (step, split)
+    assert whole.state()["epoch"] >= 4
+
+
+def test_next_equals_next_rows_of_everything():
+    source = [f"p{i}" for i in range(10)]
+    a = PromptIterator(source, 3, seed=2, drop_remainder=False, num_epochs=2)
+    b = PromptIterator(source, 3, seed=2, drop_remainder=False, num_epochs=2)
+    assert list(a) == [b.next_rows(slice(None)) for _ in range(8)]
+    with pytest.raises(StopIteration):
+        b.next_rows(slice(0, 1))
+
+
+def test_next_rows_reads_only_its_rows_over_tfds(tmp_path, monkeypatch):
+    rows = [{"prompt": f"p{i}"} for i in range(9)]
+    source = build_prompt_dataset(write_jsonl(tmp_path / "p.jsonl", rows), tmp_path / "tfds")
+    reads = []
+    real = source.raw.__getitems__
+    monkeypatch.setattr(source.raw, "__getitems__", lambda idx: reads.append(list(idx)) or real(idx),
+                        raising=False)
+    it = PromptIterator(source, 4, seed=0)
+    order = np.random.default_rng([0, 0]).permutation(9)
+    assert it.next_rows(slice(1, 3)) == [f"p{i}" for i in order[1:3]]
+    assert reads == [[int(i) for i in order[1:3]]]
+    assert it.state() == {"epoch": 0, "index": 4}
+
+
+def test_next_rows_errors():
+    it = PromptIterator(list(range(6)), 3, seed=0)
+    for bad in ([0, 1], 1, range(2)):
+        with pytest.raises(TypeError, match="rows must be a slice"):
+            it.next_rows(bad)
+    with pytest.raises(TypeError, match=r"rows.stop must be an int or None, got 1.5"):
+        it.next_rows(slice(0, 1.5))
+    with pytest.raises(ValueError, match="step cannot be zero"):
+        it.next_rows(slice(0, 2, 0))
+    assert it.state() == {"epoch": 0, "index": 0}  # a refused call does not advance

@@ -400,3 +400,118 @@ def test_completions_is_a_namedtuple_pytree(setup):
     out = _sample(setup)
     assert isinstance(out, Completions) and out._fields == ("tokens", "mask", "logprobs", "lengths")
     assert len(jax.tree.leaves(out)) == 4
+
+
+# ------------------------------------------------------------------------------------------
+# Bad prompt values (concrete prompts are checked in numpy before anything compiles)
+# ------------------------------------------------------------------------------------------
+
+
+def _bad_prompts(setup, row, col, value):
+    prompts = setup[2].copy()
+    prompts[row, col] = value
+    return prompts
+
+
+@pytest.mark.parametrize("row,col,value", [
+    (3, 5, V),          # first id past the vocabulary: used to give token V-1 and NaN log-probs
+    (6, 4, V + 1000),
+    (2, 5, -1),         # negative ids used to wrap around to V-1 silently
+    (5, 0, -V - 7),     # a padded position: pads are embedded too (an out-of-range pad gives NaN)
+    (1, 5, 2 ** 32 + 3),  # would wrap to a valid id when cast to int32
+])
+def test_prompt_ids_outside_vocabulary_raise(setup, row, col, value):
+    prompts = _bad_prompts(setup, row, col, 0).astype(np.int64)
+    prompts[row, col] = value
+    n_compiled = _sample_jit._cache_size()
+    with pytest.raises(ValueError, match=rf"prompt token id {value} at prompts\[{row}, {col}\] is "
+                                         rf"outside the vocabulary \[0, {V}\)"):
+        _sample(setup, prompts=prompts)
+    assert _sample_jit._cache_size() == n_compiled
+
+
+def test_prompt_id_errors_list_every_bad_row(setup):
+    prompts = setup[2].copy()
+    prompts[[1, 4, 6], 5] = [V, -2, V + 3]
+    with pytest.raises(ValueError, match=r"prompts\[1, 5\] .* \(3 bad ids in rows \[1, 4, 6\]\)"):
+        _sample(setup, prompts=prompts)
+
+
+def test_all_zero_mask_row_raises(setup):
+    mask = setup[3].copy()
+    mask[4] = 0
+    n_compiled = _sample_jit._cache_size()
+    with pytest.raises(ValueError, match=r"prompt_mask row 4 is all zero"):
+        _sample(setup, prompt_mask=mask)
+    with pytest.raises(ValueError, match=r"prompt_mask row 0 is all zero"):
+        _sample(setup, prompt_mask=np.zeros((B, P), bool))
+    assert _sample_jit._cache_size() == n_compiled
+
+
+def test_right_padded_mask_raises(setup):
+    """The first new token is predicted from the last column, so a row ending in padding would be
+    continued from a pad (it samples different tokens than the same prompt left-padded)."""
+    model, params, prompts, mask, _ = setup
+    right = np.ones((B, P), np.int32)
+    right[3, -2:] = 0
+    n_compiled = _sample_jit._cache_size()
+    with pytest.raises(ValueError, match=r"prompt_mask row 3 ends in padding \(its last real token is "
+                                         r"at column 3 of 6\): prompts must be left-padded"):
+        _sample(setup, prompt_mask=right)
+    assert _sample_jit._cache_size() == n_compiled
+
+
+def test_zeros_between_real_tokens_are_allowed(setup):
+    """A mask with a hole (0 between 1s) is not rejected: positions and attention skip the hole,
+    so the row samples exactly what the same prompt without that column does."""
+    model, params, prompts, mask, _ = setup
+    # Same [B, P] shape (no new compilation): in each row with padding and >= 2 real tokens, move
+    # one pad column between the first and the second real token.
+    holed_p, holed_m = prompts.copy(), mask.copy()
+    n_holed = 0
+    for b in range(B):
+        real = np.flatnonzero(mask[b])
+        if real[0] >= 1 and real.size >= 2:
+            order = np.r_[np.arange(real[0] - 1), real[0], real[0] - 1, real[1:]]
+            holed_p[b], holed_m[b] = prompts[b, order], mask[b, order]
+            assert holed_m[b, real[0] - 1] == 1 and holed_m[b, real[0]] == 0
+            n_holed += 1
+    assert n_holed >= 3
+    a = _sample(setup, temperature=0.0)
+    b = _sample(setup, temperature=0.0, prompts=holed_p, prompt_mask=holed_m)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=ATOL)
+
+
+def test_sharded_prompts_are_checked_per_shard_with_global_rows(setup):
+    """Global arrays are read shard by shard (the path a multi-host array takes): the error names
+    the global row."""
+    from xpo_jax.sampling import _check_prompt_ids, _check_prompt_mask, _shard_rows
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices; tests/conftest.py sets XLA_FLAGS")
+    mesh = Mesh(np.array(devices[:8]).reshape(4, 2), ("data", "model"))
+    rows = NamedSharding(mesh, PartitionSpec("data"))  # 4 row blocks, each on 2 devices
+    prompts = _bad_prompts(setup, 5, 2, V + 1)
+    blocks = _shard_rows(jax.device_put(prompts, rows))
+    assert sorted(s for s, _ in blocks) == [0, 2, 4, 6]
+    with pytest.raises(ValueError, match=r"prompts\[5, 2\]"):
+        _check_prompt_ids(blocks, V)
+    mask = setup[3].copy()
+    mask[6] = 0
+    with pytest.raises(ValueError, match="prompt_mask row 6 is all zero"):
+        _check_prompt_mask(_shard_rows(jax.device_put(mask, rows)))
+    # Shards split along columns cannot be checked row by row and are skipped.
+    cols = NamedSharding(mesh, PartitionSpec("data", "model"))
+    assert _shard_rows(jax.device_put(np.zeros((B, P), np.int32), cols)) == []
+    # End to end through `sample` with a sharded (fully addressable) batch.
+    with pytest.raises(ValueError, match=r"prompts\[5, 2\]"):
+        _sample(setup, prompts=jax.device_put(prompts, rows))
+
+
+def test_traced_prompts_are_not_checked_under_jit(setup):
+    """Inside jit the prompt values are unknown: `sample` still traces (no check, no error)."""
+    model, params, prompts, mask, _ = setup
+    f = jax.jit(lambda p, m: sample(model.apply, params, p, m, jax.random.key(0), max_new_tokens=N,
+                                    eos_id=EOS, pad_id=PAD, temperature=0.0).tokens)
+    np.testing.assert_array_equal(f(prompts, mask), _sample(setup, temperature=0.0).tokens)

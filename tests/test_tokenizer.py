@@ -1,4 +1,4 @@
-"""Tests for xpo_jax.tokenizer on a tiny byte-level BPE tokenizer trained here (no network)."""
+"""Tests for xpo_jax.hf.tokenizer on a tiny byte-level BPE tokenizer trained here (no network)."""
 import json
 import re
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from xpo_jax.tokenizer import TextTokenizer
+from xpo_jax.hf.tokenizer import TextTokenizer
 
 # Qwen2-Instruct's ChatML template (default system prompt when none is given).
 QWEN2_TEMPLATE = (
@@ -238,3 +238,54 @@ def test_no_eos_no_pad(tmp_path, trained):
     assert tok.eos_id is None and tok.pad_id is None and tok.eos_ids == ()
     with pytest.raises(ValueError, match="neither a pad nor an eos token"):
         tok.encode_prompts(["hi"], max_prompt_length=4)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", "{not json", r"tokenizer.json: not a valid tokenizer.json \(key must be a string"),
+    ("tokenizer.json", b"\x1f\x8b\x08\x00\xff\xfe", r"tokenizer.json: not a valid tokenizer.json \(stream did not contain valid UTF-8"),
+    ("tokenizer.json", "", r"tokenizer.json: not a valid tokenizer.json \(EOF while parsing"),
+    ("tokenizer_config.json", "{", r"tokenizer_config.json: invalid JSON \(Expecting property name .* at line 1 column 2\)"),
+    ("tokenizer_config.json", b"\xff\xfe{}", r"tokenizer_config.json: not UTF-8 text \(byte 0xff at offset 0\)"),
+    ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json: expected a JSON object, got list"),
+    ("special_tokens_map.json", '{"eos_token": ', "special_tokens_map.json: invalid JSON"),
+    ("generation_config.json", "{'eos_token_id': 1}", "generation_config.json: invalid JSON"),
+    ("chat_template.jinja", b"\xff{{ messages }}", r"chat_template.jinja: not UTF-8 text \(byte 0xff"),
+], ids=["tok-bad-json", "tok-binary", "tok-empty", "config-bad-json", "config-binary", "config-list",
+        "special-map-bad-json", "generation-bad-json", "template-binary"])
+def test_malformed_files_name_the_path(tmp_path, trained, name, content, message):
+    """A malformed checkpoint file raises ValueError naming that file, not a bare JSONDecodeError,
+    UnicodeDecodeError or the tokenizers library's path-less Exception."""
+    d = _write_dir(tmp_path / "ckpt", trained, None)
+    target = d / name
+    target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=re.escape(str(target)) + ": " + message.split(": ", 1)[1]):
+        TextTokenizer.from_dir(d)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"tokenizer_config__json": {"eos_token": 5}},
+     r"tokenizer_config.json: eos_token must be a token string or an AddedToken"),
+    ({"special_tokens_map__json": {"pad_token": ["<|endoftext|>"]}},
+     r"special_tokens_map.json: pad_token must be a token string"),
+    ({"tokenizer_config__json": {"chat_template": 5}}, r"tokenizer_config.json: chat_template must be a string, got 5"),
+    ({"tokenizer_config__json": {"chat_template": [{"template": "x"}]}},
+     r"tokenizer_config.json: chat_template must be a string or a list of \{\"name\", \"template\"\}"),
+    ({"generation_config__json": {"eos_token_id": "2"}}, r"generation_config.json: eos_token_id must be a token id"),
+    ({"generation_config__json": {"eos_token_id": [2, 1.5]}}, r"generation_config.json: eos_token_id .* got \[2, 1.5\]"),
+    ({"generation_config__json": {"eos_token_id": 10 ** 6}}, r"generation_config.json: eos_token_id .* in \[0, \d+\); got 1000000"),
+])
+def test_bad_config_values_name_the_file(tmp_path, trained, files, message):
+    d = _write_dir(tmp_path / "ckpt", trained, None, **files)
+    with pytest.raises(ValueError, match=re.escape(str(d)) + "/" + message):
+        TextTokenizer.from_dir(d)
+
+
+def test_tokenizer_json_directory_and_bad_template(tmp_path, trained):
+    d = _write_dir(tmp_path / "dir", trained, None)
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer.json").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{d / 'tokenizer.json'}: not a valid tokenizer.json")):
+        TextTokenizer.from_dir(d)
+    d = _write_dir(tmp_path / "tmpl", trained, None, chat_template__jinja="{% for %}")
+    with pytest.raises(ValueError, match=re.escape(f"{d}: the chat template does not compile (line 1: ")):
+        TextTokenizer.from_dir(d)

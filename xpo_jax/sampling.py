@@ -235,8 +235,11 @@ def sample(apply_fn: Callable, params, prompts: Array, prompt_mask: Array, key: 
       apply_fn: `model.apply` of a `Transformer` (or any module with `init_cache`, `prefill`,
         `decode` methods of the same signatures); called with `method=` names.
       params: the "params" collection (not wrapped in {"params": ...}).
-      prompts, prompt_mask: [B, P] int32 / bool-or-int, left-padded; each row needs >= 1 real
-        token.
+      prompts, prompt_mask: [B, P] int32 / bool-or-int, left-padded: every row needs >= 1 real
+        token and its last column must be real (the first new token is predicted from it). Zeros
+        between real tokens are allowed and act as if the column were absent. Every id, padding
+        included, must be in [0, vocab): pads are embedded too, and an out-of-range id gives NaN
+        (too large) or silently another token (negative) for the whole row.
       key: PRNG key (typed or raw); the only source of randomness.
       max_new_tokens: N, static. Outputs are [B, N].
       temperature: scalar or [B], traced; 0 = greedy.
@@ -247,8 +250,16 @@ def sample(apply_fn: Callable, params, prompts: Array, prompt_mask: Array, key: 
       min_new_tokens: static; EOS cannot be chosen before this many tokens (HF semantics).
 
     Callable inside jit and vmap (e.g. over keys or temperatures); bad static or concrete
-    arguments raise ValueError before anything is traced or compiled.
+    arguments raise ValueError before anything is traced or compiled. The value checks (prompt
+    ids in range, masks non-empty and ending in a real token, hyperparameter ranges) run in numpy
+    on concrete inputs only: an argument that is a tracer -- an argument of an enclosing jit, or
+    vmapped over -- cannot be read and is not checked. Constants closed over by a jit are
+    concrete and are checked. For a global array spread over several processes, each process
+    checks the rows it holds.
     """
+    # Host copies of concrete prompts/mask for the value checks below, taken before the
+    # conversion to jax arrays (numpy input is read where it is, with no device round trip).
+    prompt_rows, mask_rows = _concrete_rows(prompts), _concrete_rows(prompt_mask)
     prompts = jnp.asarray(prompts)
     prompt_mask = jnp.asarray(prompt_mask)
     if prompts.ndim != 2 or prompt_mask.shape != prompts.shape:
@@ -269,6 +280,10 @@ def sample(apply_fn: Callable, params, prompts: Array, prompt_mask: Array, key: 
     if max_len is not None and P + max_new_tokens > max_len:
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"max_seq_len {max_len}")
+    if prompt_rows is not None:
+        _check_prompt_ids(prompt_rows, vocab_size)
+    if mask_rows is not None:
+        _check_prompt_mask(mask_rows)
 
     temperature = _per_row("temperature", temperature, B, jnp.float32)
     top_k = _per_row("top_k", top_k, B, jnp.int32)
@@ -322,6 +337,79 @@ def _per_row(name, value, batch_size, dtype):
     if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch_size)):
         raise ValueError(f"{name} must be a scalar or have shape [{batch_size}], got {value.shape}")
     return jnp.broadcast_to(value.astype(dtype), (batch_size,))
+
+
+def _concrete_rows(value):
+    """Host views of a concrete [B, P] argument as (first row, numpy block) pairs, or None when it
+    is a tracer. A global array that this process holds only part of (multi-host) yields the
+    whole-row shards it holds, each at its global row offset."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return _shard_rows(value)
+    try:
+        return [(0, np.asarray(value))]
+    except (TypeError, ValueError):
+        return None  # not array-like: the shape checks that follow report it
+
+
+def _shard_rows(value: jax.Array):
+    """(first row, numpy block) for each distinct addressable shard of `value` that spans whole
+    rows (shards split along columns are skipped: their rows cannot be checked locally)."""
+    if value.ndim != 2:
+        return []  # the shape check in `sample` reports it
+    blocks, seen = [], set()
+    for shard in value.addressable_shards:
+        rows, cols = tuple(shard.index) + (slice(None),) * (2 - len(shard.index))
+        if cols.indices(value.shape[1]) != (0, value.shape[1], 1):
+            continue
+        start = rows.indices(value.shape[0])[0]
+        if start in seen:  # replicated copies of the same rows
+            continue
+        seen.add(start)
+        blocks.append((start, np.asarray(shard.data)))
+    return blocks
+
+
+def _check_prompt_ids(blocks, vocab_size):
+    """Every prompt id -- padding included, since pads are embedded too -- in [0, vocab_size)."""
+    for start, ids in blocks:
+        if ids.ndim != 2:
+            return
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            value = ids[r, c].item()
+            rows = sorted({int(i) + start for i in np.flatnonzero(bad.any(axis=1))})
+            more = f" ({int(bad.sum())} bad ids in rows {rows[:8]}{' ...' if len(rows) > 8 else ''})"
+            raise ValueError(
+                f"prompt token id {value} at prompts[{r + start}, {c}] is outside the vocabulary "
+                f"[0, {vocab_size}){more}; every id, padding included, must be a valid token "
+                f"(pad with pad_id)")
+
+
+def _check_prompt_mask(blocks):
+    """Each row has a real token and ends in one (left padding; the sampler continues from the
+    last column). Zeros between real tokens are fine: positions and attention skip them."""
+    for start, mask in blocks:
+        if mask.ndim != 2:
+            return
+        real = mask != 0
+        empty = np.flatnonzero(~real.any(axis=1))
+        if empty.size:
+            raise ValueError(
+                f"prompt_mask row {empty[0] + start} is all zero: every prompt needs at least one "
+                f"real token (all-zero rows: {(empty[:8] + start).tolist()}"
+                f"{' ...' if empty.size > 8 else ''})")
+        right = np.flatnonzero(~real[:, -1])
+        if right.size:
+            r = right[0]
+            last = int(np.flatnonzero(real[r])[-1])
+            raise ValueError(
+                f"prompt_mask row {r + start} ends in padding (its last real token is at column "
+                f"{last} of {mask.shape[1]}): prompts must be left-padded, since the first new "
+                f"token is predicted from the last column (rows ending in padding: "
+                f"{(right[:8] + start).tolist()}{' ...' if right.size > 8 else ''})")
 
 
 def _check_concrete(name, value, ok, message):

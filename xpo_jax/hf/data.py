@@ -78,6 +78,26 @@ def prompt_from_row(row: Any, where: str) -> Prompt:
 
     `where` names the file and row for error messages, e.g. "prompts.jsonl: line 3".
     """
+    prompt = _extract_prompt(row, where)
+    _check_unicode(prompt, where)
+    return prompt
+
+
+def _check_unicode(prompt: Prompt, where: str) -> None:
+    """Refuse text that cannot be stored as UTF-8: a lone surrogate, which JSON can spell as an
+    escape ("\\ud800") and which would otherwise fail deep inside the TFDS writer."""
+    texts = [prompt] if isinstance(prompt, str) else [v for m in prompt for v in m.values()]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{where}: the prompt text is not valid Unicode ({e.reason}: {text[e.start:e.end]!r} at "
+                f"character {e.start}); fix or drop the row"
+            ) from None
+
+
+def _extract_prompt(row: Any, where: str) -> Prompt:
     if not isinstance(row, dict):
         raise ValueError(
             f"{where}: expected an object with a 'prompt' or 'messages' field, got {type(row).__name__}"
@@ -101,15 +121,27 @@ def prompt_from_row(row: Any, where: str) -> Prompt:
 
 
 def _read_jsonl(path: Path) -> Iterator[Prompt]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # Read bytes and decode line by line, so that a decoding error names its line (a text-mode
+    # file decodes in blocks, ahead of the line being parsed). A UTF-8 byte-order mark is allowed.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}: line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the "
+                    f"line); a JSONL prompt file must be UTF-8 JSON, one object per line -- is it a "
+                    f"binary file?"
+                ) from None
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not rows
-            where = f"{path}: line {lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: invalid JSON (nested too deeply to parse)") from None
             yield prompt_from_row(row, where)
 
 
@@ -118,16 +150,33 @@ def _read_parquet(path: Path) -> Iterator[Prompt]:
         import pyarrow.parquet as pq  # a tensorflow-datasets dependency; imported only when needed
     except ImportError as e:  # pragma: no cover - pyarrow ships with tfds
         raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
-    file = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    # pyarrow's errors (ArrowInvalid for a file that is not Parquet, OSError for corrupt pages,
+    # UnicodeDecodeError for invalid strings) do not name the file; re-raise them with it.
+    unreadable = (pa.ArrowException, OSError, UnicodeDecodeError)
+    try:
+        file = pq.ParquetFile(path)
+        names = file.schema_arrow.names
+    except unreadable as e:
+        raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     # Read only the prompt columns: preference sets also hold long `chosen`/`rejected` responses.
-    columns = [c for c in ("prompt", "messages", "chosen") if c in file.schema_arrow.names]
+    columns = [c for c in ("prompt", "messages", "chosen") if c in names]
     if not columns:
-        raise ValueError(
-            f"{path}: no 'prompt', 'messages' or 'chosen' column (columns: {file.schema_arrow.names})"
-        )
+        raise ValueError(f"{path}: no 'prompt', 'messages' or 'chosen' column (columns: {names})")
     row_index = 0
-    for batch in file.iter_batches(columns=columns):
-        for row in batch.to_pylist():
+    batches = file.iter_batches(columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = None if batch is None else batch.to_pylist()
+        except unreadable as e:
+            raise ValueError(
+                f"{path}: corrupt Parquet data at or after row {row_index} ({type(e).__name__}: {e})"
+            ) from None
+        if rows is None:
+            return
+        for row in rows:
             yield prompt_from_row(row, f"{path}: row {row_index}")
             row_index += 1
 
@@ -342,7 +391,7 @@ class PromptIterator:
     checkpoint needs to resume exactly. With `drop_remainder` the last `n % batch_size` prompts
     of each epoch's order are skipped (they are different prompts each epoch); without it the
     last batch of an epoch is smaller. Every host of a multi-host run builds the same iterator
-    and takes its own slice of each batch.
+    and reads only its own rows of each batch with `next_rows(host_slice)`.
 
     Args:
       source: any sequence of prompts (a `PromptDataSource`, a list of str / message lists).
@@ -427,14 +476,38 @@ class PromptIterator:
         return self
 
     def __next__(self) -> list[Prompt]:
+        """The next global batch (`next_rows(slice(None))`)."""
+        return self.next_rows(slice(None))
+
+    def next_rows(self, rows: slice) -> list[Prompt]:
+        """Rows `rows` of the next global batch, reading only those rows from the source.
+
+        The position advances by the whole global batch, exactly as `__next__` does, so every
+        host of a multi-host run -- each calling `next_rows(its own slice)` on an iterator built
+        with the same arguments -- stays at the same `state()`, and the hosts' slices put
+        together are the batch `__next__` would return. `rows` is applied to the batch as a
+        Python slice (e.g. `parallel.host_batch_slice(mesh, batch_size)`); a slice past the end
+        of a short last batch (drop_remainder=False) yields fewer or no rows. Raises
+        StopIteration after `num_epochs` epochs, on every host at the same call.
+        """
+        if not isinstance(rows, slice):
+            raise TypeError(f"rows must be a slice of the global batch, got {type(rows).__name__} {rows!r}")
+        for name in ("start", "stop", "step"):
+            v = getattr(rows, name)
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)):
+                raise TypeError(f"rows.{name} must be an int or None, got {v!r} in {rows!r}")
+        if rows.step == 0:
+            raise ValueError(f"rows {rows!r}: slice step cannot be zero")
         if self.num_epochs is not None and self._epoch >= self.num_epochs:
             raise StopIteration
         stop = min(self._index + self.batch_size, self._epoch_size)
-        indices = self._epoch_order()[self._index : stop]
+        indices = self._epoch_order()[self._index : stop][rows]
         self._index = stop
         if self._index >= self._epoch_size:
             # Roll over now, so that state() after the last batch of an epoch reads (e+1, 0).
             self._epoch, self._index = self._epoch + 1, 0
+        if len(indices) == 0:
+            return []
         if hasattr(self.source, "__getitems__"):
             return list(self.source.__getitems__([int(i) for i in indices]))
         return [self.source[int(i)] for i in indices]

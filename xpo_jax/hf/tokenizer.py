@@ -44,10 +44,29 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path` ({} when the file is absent); bad content raises ValueError
+    naming the file."""
     if not path.exists():
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: invalid JSON (nested too deeply to parse)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
 
 
 def _compile_chat_template(template: str):
@@ -119,7 +138,14 @@ class TextTokenizer:
         eos_ids = ([self.eos_id] if self.eos_id is not None else []) + [int(i) for i in extra_eos_ids]
         self.eos_ids = tuple(dict.fromkeys(eos_ids))
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self._template = _compile_chat_template(chat_template) if chat_template else None
+        self._template = None
+        if chat_template:
+            import jinja2
+
+            try:
+                self._template = _compile_chat_template(chat_template)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"{name}: the chat template does not compile (line {e.lineno}: {e.message})") from e
 
     def _special_id(self, key: str) -> int | None:
         token = self.special_tokens.get(key)
@@ -139,26 +165,47 @@ class TextTokenizer:
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.exists():
             raise FileNotFoundError(f"no tokenizer.json in {path} (only fast tokenizers are supported)")
-        config = _read_json(path / "tokenizer_config.json")
-        special_map = _read_json(path / "special_tokens_map.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception without the path
+            raise ValueError(f"{tokenizer_file}: not a valid tokenizer.json ({e})") from None
+        config_file = path / "tokenizer_config.json"
+        config = _read_json(config_file)
+        special_file = path / "special_tokens_map.json"
+        special_map = _read_json(special_file)
         tokens = {}
         for key in _SPECIAL_TOKENS:
-            value = config[key] if key in config else special_map.get(key)
+            source, value = (config_file, config[key]) if key in config else (special_file, special_map.get(key))
             tokens[key] = _token_content(value)
+            if tokens[key] is not None and not isinstance(tokens[key], str):
+                raise ValueError(f"{source}: {key} must be a token string or an AddedToken "
+                                 f"{{\"content\": ...}} object, got {value!r:.100}")
 
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                       and isinstance(t.get("template"), str) for t in template):
+                raise ValueError(f"{config_file}: chat_template must be a string or a list of "
+                                 f"{{\"name\", \"template\"}} strings, got {template!r:.200}")
             named = {t["name"]: t["template"] for t in template}
             if "default" not in named:
                 raise ValueError(f"{path}: no 'default' among the named chat templates {sorted(named)}")
             template = named["default"]
+        elif template is not None and not isinstance(template, str):
+            raise ValueError(f"{config_file}: chat_template must be a string, got {template!r:.100}")
         if template is None and (path / "chat_template.jinja").exists():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+            template = _read_text(path / "chat_template.jinja")
 
-        gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
-        extra_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+        gen_file = path / "generation_config.json"
+        gen_eos = _read_json(gen_file).get("eos_token_id")
+        extra_eos = [] if gen_eos is None else [gen_eos] if not isinstance(gen_eos, list) else gen_eos
+        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        for i in extra_eos:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size:
+                raise ValueError(f"{gen_file}: eos_token_id must be a token id or a list of them, in "
+                                 f"[0, {vocab_size}); got {gen_eos!r:.100}")
         return cls(
-            Tokenizer.from_file(str(tokenizer_file)),
+            tokenizer,
             chat_template=template,
             extra_eos_ids=extra_eos,
             name=str(path),
