@@ -16,7 +16,7 @@ from xpo_jax.train import in_graph_round
 # Unclipped bonus and a deterministic judge (TRL's settings) so the hand computation below is
 # the plain Algorithm-1 formula.
 CFG = TrainConfig(rounds=6, batch_size=8, eval_every=3, alpha=0.05, beta=0.2, learning_rate=1e-3, progress=False,
-                  tensorboard=False, bonus_clip=None, bradley_terry=False)
+                  tensorboard=False, bonus="logprob", bradley_terry=False)
 
 
 def round_with_prompts(run):

@@ -1,49 +1,73 @@
-"""Sweeps: the grid, one vmapped program == separate runs, grid sharding, and `xpo-jax sweep`.
+"""Sweeps: the grid, one vmapped program == separate runs (XPO and online DPO in one program),
+grid sharding, final parameters, labels-to-optimum, and `xpo-jax sweep`.
 
 The tiny setup of the parallel tests (hard-explore prompts, random reference, batch 8) with 4
 rounds and exact evaluation every 2. A cell of the vmapped (and device-sharded, padded) grid must
-reproduce the plain jitted `train` of that cell: same sampled tokens (hence identical rewards)
-and parameters/evaluations equal to f32 rounding (rtol 1e-4 on J_beta, KL, reward).
+reproduce the plain jitted `train` of that cell, run on its own cheap sampling path (lambda = 1:
+y~ from pi_ref only; lambda = 0: both responses from pi_t): same sampled tokens (hence identical
+rewards) and parameters/evaluations equal to f32 rounding (rtol 1e-4 on J_beta, KL, reward).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from common import parallel_test_config
+from common import max_diff, parallel_test_config
+from xpo_jax import reporting
 from xpo_jax import sweep as sw
+from xpo_jax.cli import main as cli_main, parse_floats, parse_ints
 
 ROUNDS, EVERY = 4, 2
-ALPHAS, BETAS, SEEDS = [0.0, 0.05], [0.1], [0, 1, 2]
+ALPHAS, BETAS, MIXES, SEEDS = [0.0, 0.05], [0.1], [1.0, 0.0], [0, 1]
 
 
 def test_parse_and_grid():
-    assert sw.parse_ints("0-3") == [0, 1, 2, 3]
-    assert sw.parse_ints("0,3,5-6") == [0, 3, 5, 6]
-    assert sw.parse_floats("0,1e-3, 0.01") == [0.0, 1e-3, 0.01]
+    assert parse_ints("0-3") == [0, 1, 2, 3]
+    assert parse_ints("0,3,5-6") == [0, 3, 5, 6]
+    assert parse_floats("0,1e-3, 0.01") == [0.0, 1e-3, 0.01]
     for bad in ("", "a", "3-1", "1-"):
         with pytest.raises(argparse.ArgumentTypeError):
-            sw.parse_ints(bad)
+            parse_ints(bad)
     g = sw.make_grid([0, 1], [0.1, 0.2, 0.3], [7, 8])
     assert g["alpha"].shape == (12,)
     assert list(g["alpha"][:6]) == [0] * 6 and list(g["beta"][:4]) == pytest.approx([0.1, 0.1, 0.2, 0.2])
-    assert list(g["seed"][:4]) == [7, 8, 7, 8]
+    assert list(g["seed"][:4]) == [7, 8, 7, 8] and set(g["mix"]) == {1.0}
+    g = sw.make_grid([0], [0.1], [0, 1], mixes=[1, 0])
+    assert list(g["mix"]) == [1, 1, 0, 0] and list(g["seed"]) == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="betas"):
         sw.make_grid([0], [0.0], [0])
     with pytest.raises(ValueError, match="alphas is empty"):
         sw.make_grid([], [0.1], [0])
+    with pytest.raises(ValueError, match="mixes"):
+        sw.make_grid([0], [0.1], [0], mixes=[1.5])
+
+
+def test_method_names_say_which_baseline():
+    assert reporting.method_name(0, 0) == "online DPO"
+    assert reporting.method_name(0, 1) == "ref-sampling DPO"
+    assert reporting.method_name(0.01, 1) == "XPO alpha=0.01"
+    assert reporting.method_name(0.01, 0) == "XPO alpha=0.01, y~ from pi_t"
+
+
+def test_labels_until_and_first_round():
+    curves = {"eval/p_optimal": np.array([[np.nan, 0.2, np.nan, 0.6], [np.nan, 0.95, np.nan, 0.99],
+                                          [np.nan, 0.1, np.nan, 0.2]]),
+              "labels": np.tile(np.array([8.0, 16, 24, 32]), (3, 1))}
+    np.testing.assert_array_equal(sw.labels_until(curves, "eval/p_optimal", 0.5), [32, 16, np.nan])
+    np.testing.assert_array_equal(sw.first_round(np.array([[0, 0, 1], [0, 0, 0]], bool)), [3, np.nan])
 
 
 def _flags(cfg) -> list:
     """CLI flags reproducing cfg's pinned options."""
     out = []
     for k, v in cfg.to_dict().items():
-        if k in ("name", "run_dir", "alpha", "beta", "seed"):
+        if k in ("name", "run_dir", "alpha", "beta", "seed", "exploration_mix"):
             continue
         v = "none" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
         out += ["--" + k.replace("_", "-"), v]
@@ -52,65 +76,75 @@ def _flags(cfg) -> list:
 
 @pytest.fixture(scope="module")
 def cli_sweep(tmp_path_factory):
-    """`xpo-jax sweep` on 2 alphas x 1 beta x 3 seeds = 6 cells, the grid sharded over 4
-    devices (padded to 8)."""
+    """`xpo-jax sweep` on 2 alphas x 1 beta x 2 mixes x 2 seeds = 8 cells (XPO, online DPO,
+    reference-sampling DPO and XPO with y~ from pi_t), the grid sharded over 3 devices (padded
+    to 9)."""
     cfg = parallel_test_config(rounds=ROUNDS, eval_every=EVERY)
     run_dir = tmp_path_factory.mktemp("sweeps")
-    argv = ["--alphas", "0,0.05", "--betas", "0.1", "--seeds", "0-2", "--grid-devices", "4",
-            "--run-dir", str(run_dir), "--name", "grid", *_flags(cfg)]
-    assert sw.main_sweep(argv) == 0
+    argv = ["sweep", "--alphas", "0,0.05", "--betas", "0.1", "--mixes", "1,0", "--seeds", "0-1", "--grid-devices",
+            "3", "--run-dir", str(run_dir), "--name", "grid", *_flags(cfg)]
+    assert cli_main(argv) == 0
     return cfg, os.path.join(run_dir, "grid")
 
 
-def test_cli_writes_csv_and_figures(cli_sweep):
+def test_cli_writes_csv_figures_and_params(cli_sweep):
     cfg, out = cli_sweep
-    for f in ("sweep.csv", "heatmap.png", "curves.png", "curves.npz", "sweep.json"):
+    for f in ("sweep.csv", "heatmap.png", "curves.png", "curves.npz", "sweep.json", "params.npz"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     with open(os.path.join(out, "sweep.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6
-    assert list(rows[0])[:7] == ["alpha", "beta", "seed", "j_beta", "reward", "kl", "p_optimal"]
-    assert [(float(r["alpha"]), int(r["seed"])) for r in rows] == [(a, s) for a in ALPHAS for s in SEEDS]
+    assert len(rows) == 8
+    assert list(rows[0])[:8] == ["alpha", "beta", "mix", "seed", "j_beta", "reward", "kl", "p_optimal"]
+    assert [(float(r["alpha"]), float(r["mix"]), int(r["seed"])) for r in rows] == [
+        (a, m, s) for a in ALPHAS for m in MIXES for s in SEEDS]
     for r in rows:
-        assert all(np.isfinite(float(v)) for v in r.values())
+        assert all(np.isfinite(float(r[k])) for k in ("j_beta", "reward", "kl", "p_optimal", "ref_j_beta"))
         assert float(r["j_beta"]) == pytest.approx(float(r["reward"]) - 0.1 * float(r["kl"]), abs=1e-5)
     npz = np.load(os.path.join(out, "curves.npz"))
-    assert npz["eval__j_beta"].shape == (6, ROUNDS)
+    assert npz["eval__j_beta"].shape == (8, ROUNDS)
     assert np.isnan(npz["eval__j_beta"][:, 0]).all() and np.isfinite(npz["eval__j_beta"][:, 1]).all()
+    np.testing.assert_array_equal(npz["labels"][0], [8, 16, 24, 32])  # batch 8 per round
+    # y~ from pi_ref exactly when lambda = 1
+    np.testing.assert_array_equal(npz["val__yt_from_ref"].mean(1), [1, 1, 0, 0, 1, 1, 0, 0])
+    params = np.load(os.path.join(out, "params.npz"))
+    assert all(v.shape[0] == 8 for v in params.values())
 
 
-def test_cells_equal_separate_runs(cli_sweep):
-    """A cell of the sharded, vmapped grid == the plain jitted train of that cell."""
-    from xpo_jax.state import Hyperparams
+@pytest.mark.parametrize("i", [1, 2, 4, 7])
+def test_cells_equal_separate_runs(cli_sweep, i):
+    """A cell of the sharded, vmapped mixture grid == the plain jitted train of that cell on its
+    own cheap sampling path: (ref-DPO, seed 1), (online DPO, seed 0), (XPO, seed 0), (XPO with y~
+    from pi_t, seed 1)."""
     from xpo_jax.run import build_run
     from xpo_jax.train import make_train
 
     cfg, out = cli_sweep
-    final = sw.read_csv(os.path.join(out, "sweep.csv"))
+    final = reporting.read_csv(os.path.join(out, "sweep.csv"))
     curves = np.load(os.path.join(out, "curves.npz"))
-    run = build_run(cfg)
-    train = jax.jit(make_train(cfg, run))
-    for i in (1, 5):  # (alpha 0, seed 1) and (alpha 0.05, seed 2)
-        alpha, beta, seed = final["alpha"][i], final["beta"][i], int(final["seed"][i])
-        hp = Hyperparams.create(alpha=alpha, beta=beta, temperature=cfg.temperature, lr_scale=cfg.lr_scale,
-                                label_smoothing=cfg.label_smoothing)
-        _, m = jax.device_get(train(jax.random.PRNGKey(seed), hp))
-        np.testing.assert_array_equal(curves["task__reward"][i], m["task/reward"])
-        for k in ("eval/j_beta", "eval/kl", "eval/reward"):
-            np.testing.assert_allclose(curves[k.replace("/", "__")][i], m[k], rtol=1e-4, atol=1e-6)
-        assert final["j_beta"][i] == pytest.approx(float(m["eval/j_beta"][-1]), rel=1e-4, abs=1e-6)
+    params = np.load(os.path.join(out, "params.npz"))
+    alpha, beta, mix, seed = final["alpha"][i], final["beta"][i], final["mix"][i], int(final["seed"][i])
+    cell_cfg = dataclasses.replace(cfg, alpha=float(alpha), beta=float(beta), exploration_mix=float(mix))
+    run = build_run(cell_cfg)
+    assert run.fns is not None
+    state, m = jax.device_get(jax.jit(make_train(cell_cfg, run))(jax.random.PRNGKey(seed), run.hparams()))
+    np.testing.assert_array_equal(curves["task__reward"][i], m["task/reward"])
+    for k in ("eval/j_beta", "eval/kl", "eval/reward"):
+        np.testing.assert_allclose(curves[k.replace("/", "__")][i], m[k], rtol=1e-4, atol=1e-6)
+    assert final["j_beta"][i] == pytest.approx(float(m["eval/j_beta"][-1]), rel=1e-4, abs=1e-6)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    assert max_diff([params[k][i] for k in flat], list(flat.values())) <= 5e-5
 
 
 def test_sweep_api_unsharded(cli_sweep):
     """`sweep()` without devices on a sub-grid gives the CLI's (sharded) numbers for its cells."""
     cfg, out = cli_sweep
-    ref = sw.read_csv(os.path.join(out, "sweep.csv"))
+    ref = reporting.read_csv(os.path.join(out, "sweep.csv"))
     assert callable(sw)  # xpo_jax.sweep(...) is xpo_jax.sweep.sweep(...)
-    final, curves = sw(cfg, [0.05], [0.1], [0, 2])
-    assert curves["loss"].shape == (2, ROUNDS)
-    assert set(sw.CSV_COLUMNS) <= set(final)
-    for j, i in enumerate((3, 5)):
-        assert final["seed"][j] == ref["seed"][i]
+    final, curves = sw(cfg, [0.05], [0.1], [0, 1], mixes=[1.0, 0.0])
+    assert curves["loss"].shape == (4, ROUNDS)
+    assert set(reporting.CSV_COLUMNS) <= set(final)
+    for j, i in enumerate((4, 5, 6, 7)):
+        assert final["seed"][j] == ref["seed"][i] and final["mix"][j] == ref["mix"][i]
         assert final["sampled_reward"][j] == pytest.approx(ref["sampled_reward"][i], abs=1e-6)
         assert final["j_beta"][j] == pytest.approx(ref["j_beta"][i], rel=1e-4, abs=1e-6)
-    assert "0.05" in sw.summary_table(final)
+    assert jax.tree_util.tree_leaves(final["params"])[0].shape[0] == 4

@@ -140,7 +140,8 @@ def _sweep(args) -> int:
         alphas = args.alphas if args.alphas is not None else [cfg.alpha]
         betas = args.betas if args.betas is not None else [cfg.beta]
         seeds = args.seeds if args.seeds is not None else [cfg.seed]
-        make_grid(alphas, betas, seeds)
+        mixes = args.mixes if args.mixes is not None else [cfg.exploration_mix]
+        make_grid(alphas, betas, seeds, mixes)
         if args.grid_devices < 0:
             raise ValueError(f"--grid-devices={args.grid_devices}: must be >= 0")
     except ValueError as e:
@@ -153,15 +154,16 @@ def _sweep(args) -> int:
     if args.grid_devices > len(local):
         return _error("sweep", ValueError(f"--grid-devices={args.grid_devices} but only {len(local)} local devices"))
     devices = local[: args.grid_devices or len(local)]
-    G = len(alphas) * len(betas) * len(seeds)
-    print(f"sweep: {len(alphas)} alphas x {len(betas)} betas x {len(seeds)} seeds = {G} runs of {cfg.rounds} rounds "
+    G = len(alphas) * len(betas) * len(mixes) * len(seeds)
+    print(f"sweep: {len(alphas)} alphas x {len(betas)} betas x {len(mixes)} mixes x {len(seeds)} seeds = {G} runs "
+          f"of {cfg.rounds} rounds "
           f"on {cfg.task}, one program on {len(devices)} {devices[0].platform} device(s)", flush=True)
     t0 = time.perf_counter()
-    final, curves = sweep(cfg, alphas, betas, seeds, devices=devices if len(devices) > 1 else None)
+    final, curves = sweep(cfg, alphas, betas, seeds, mixes=mixes, devices=devices if len(devices) > 1 else None)
     seconds = time.perf_counter() - t0
     out = os.path.join(cfg.run_dir, cfg.name)
     paths = write_sweep_outputs(out, cfg, final, curves, info={
-        "alphas": alphas, "betas": betas, "seeds": seeds, "seconds": seconds, "devices": len(devices),
+        "alphas": alphas, "betas": betas, "mixes": mixes, "seeds": seeds, "seconds": seconds, "devices": len(devices),
         "platform": devices[0].platform,
     })
     print(summary_table(final))
@@ -224,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--alphas", type=parse_floats, default=None, help="comma-separated (default: --alpha)")
     s.add_argument("--betas", type=parse_floats, default=None, help="comma-separated (default: --beta)")
+    s.add_argument("--mixes", type=parse_floats, default=None,
+                   help="exploration mixes lambda = P(y~ from pi_ref), comma-separated: 1 = XPO / reference-sampling "
+                        "DPO, 0 = online DPO (default: --exploration-mix)")
     s.add_argument("--seeds", type=parse_ints, default=None, help="e.g. 0-7 or 0,3,5 (default: --seed)")
     s.add_argument("--grid-devices", type=int, default=0,
                    help="shard the grid over this many local devices (0 = all; 1 = no sharding)")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import typing
 from typing import Optional
 
 from xpo_jax.losses import LOSS_TYPES
 
-EXPLORATION_POLICIES = ("ref", "policy")
+BONUS_FORMS = ("logprob", "logratio", "clip", "vmax")
+EXPLORATION_SAMPLING = ("auto", "mixture")
 # A run name is a folder under --run-dir, never a path: no '/', no '..', no hidden names.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
@@ -43,14 +45,19 @@ class TrainConfig:
     beta_end: Optional[float] = None  # linear schedule to this value at the last round
     loss_type: str = "sigmoid"  # DPO-family loss (xpo_jax.losses.LOSS_TYPES)
     label_smoothing: float = 0.0  # for sigmoid / robust / exo_pair / aot / aot_unpaired
-    bonus_clip: Optional[float] = 1.0  # clip log pi/pi_ref(y~) to +-this in the bonus (None = off, TRL)
-    exploration_policy: str = "ref"  # y~ from "ref" (XPO Alg. 1) or "policy" (pi~ = pi_t)
+    bonus: str = "clip"  # XPO bonus on y~: logprob (TRL: log pi), logratio (log pi/pi_ref), clip, vmax
+    bonus_clip_low: float = -1.0  # bonus=clip: lower bound of log pi/pi_ref(y~)
+    bonus_clip_high: float = 1.0  # bonus=clip: upper bound of log pi/pi_ref(y~)
+    bonus_v_max: Optional[float] = None  # bonus=vmax: clip to [-V_max/beta, V_max/beta] (None: the task's reward range)
+    exploration_mix: float = 1.0  # lambda: y~ from pi_ref with this probability, else from pi_t (1 = XPO Alg. 1, 0 = online DPO)
+    exploration_sampling: str = "auto"  # auto (cheap paths for mix 0 / 1) or mixture (always the traced mixture: sweeps)
     # -- sampling -------------------------------------------------------------------------
     batch_size: int = 32  # prompts per round
     temperature: float = 1.0  # sampling temperature of y and y~
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     max_new_tokens: Optional[int] = None  # default: the task's
+    min_new_tokens: int = 0  # EOS is forbidden before this many tokens
     # -- oracle ---------------------------------------------------------------------------
     bradley_terry: bool = True  # sample the preference from sigmoid(r(y) - r(y~)) (false: r(y) >= r(y~), TRL)
     missing_eos_penalty: Optional[float] = None  # subtracted from scores of responses without EOS
@@ -61,10 +68,10 @@ class TrainConfig:
     warmup_rounds: int = 0  # linear warm-up, in optimiser steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # global-norm clipping (0 = off)
-    updates_per_round: int = 1  # optimiser steps on each fresh batch
+    updates_per_round: int = 1  # K optimiser steps per round (on the fresh batch, or on K fresh replay minibatches)
     micro_batches: int = 1  # gradient accumulation: split each batch into this many
-    replay_capacity: int = 0  # keep this many past labelled pairs (0 = TRL: none)
-    replay_batch_size: int = 0  # replayed pairs added to each update
+    replay_capacity: int = 0  # keep every labelled pair so far, up to this many (0 = TRL: train on the fresh batch only)
+    replay_batch_size: int = 0  # with replay: each of the K steps draws this many pairs from all pairs so far
     # -- logging / checkpoints ------------------------------------------------------------
     eval_every: int = 10  # exact J_beta on synthetic tasks every this many rounds (0 = off)
     checkpoint_every: int = 50  # save every this many rounds (0 = only at the end)
@@ -105,22 +112,37 @@ class TrainConfig:
             bad("top_p", "must be in (0, 1]")
         if self.label_smoothing >= 0.5:
             bad("label_smoothing", "must be < 0.5")
-        if self.bonus_clip is not None and not self.bonus_clip > 0:
-            bad("bonus_clip", "must be > 0")
+        if self.bonus not in BONUS_FORMS:
+            bad("bonus", f"expected one of {', '.join(BONUS_FORMS)}")
+        for f in ("bonus_clip_low", "bonus_clip_high"):
+            if not math.isfinite(getattr(self, f)):
+                bad(f, "must be finite")
+        if not self.bonus_clip_low < self.bonus_clip_high:
+            bad("bonus_clip_high", f"must be > --bonus-clip-low={self.bonus_clip_low}")
+        if self.bonus_v_max is not None and not (self.bonus_v_max > 0 and math.isfinite(self.bonus_v_max)):
+            bad("bonus_v_max", "must be finite and > 0")
+        if self.bonus == "vmax" and self.bonus_v_max is None and self.policy is not None:
+            bad("bonus", "vmax needs --bonus-v-max with --policy (a reward model has no known range)")
+        if not 0.0 <= self.exploration_mix <= 1.0:
+            bad("exploration_mix", "must be in [0, 1] (the probability that y~ comes from pi_ref)")
+        if self.exploration_sampling not in EXPLORATION_SAMPLING:
+            bad("exploration_sampling", f"expected one of {', '.join(EXPLORATION_SAMPLING)}")
+        if self.min_new_tokens < 0:
+            bad("min_new_tokens", "must be >= 0")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            bad("min_new_tokens", f"must be <= --max-new-tokens={self.max_new_tokens}")
         if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
             bad("missing_eos_penalty", "must be >= 0 (it is subtracted from the score)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             bad("max_new_tokens", "must be >= 1")
         if self.loss_type not in LOSS_TYPES:
             bad("loss_type", f"expected one of {', '.join(LOSS_TYPES)}")
-        if self.exploration_policy not in EXPLORATION_POLICIES:
-            bad("exploration_policy", f"expected one of {', '.join(EXPLORATION_POLICIES)}")
         if self.batch_size % self.micro_batches:
             bad("micro_batches", f"must divide --batch-size={self.batch_size}")
         if self.replay_batch_size and not self.replay_capacity:
             bad("replay_batch_size", "needs --replay-capacity > 0")
         if self.replay_capacity and not self.replay_batch_size:
-            bad("replay_capacity", "needs --replay-batch-size > 0 (pairs replayed per update)")
+            bad("replay_capacity", "needs --replay-batch-size > 0 (pairs per optimiser step)")
         if self.replay_batch_size % self.micro_batches:
             bad("micro_batches", f"must divide --replay-batch-size={self.replay_batch_size}")
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):

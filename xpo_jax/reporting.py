@@ -12,8 +12,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 # Sweep outputs: CSV column order (columns missing from a table are left out).
-CSV_COLUMNS = ("alpha", "beta", "seed", "j_beta", "reward", "kl", "p_optimal", "j_star", "j_beta_late", "ref_j_beta",
-               "ref_reward", "ref_p_optimal", "sampled_reward")
+CSV_COLUMNS = ("alpha", "beta", "mix", "seed", "j_beta", "reward", "kl", "p_optimal", "j_star", "j_beta_late",
+               "ref_j_beta", "ref_reward", "ref_p_optimal", "sampled_reward", "first_optimal_round", "labels_to_p50",
+               "labels_to_p90")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,18 +114,36 @@ def read_csv(path: str) -> dict:
     return {k: np.asarray([float(r[k]) for r in rows]) for k in rows[0]}
 
 
-def seed_table(final: dict, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(alphas [A], betas [Bt], mean [A, Bt], std [A, Bt]) of `metric` over seeds."""
-    alphas = np.unique(final["alpha"])
+def method_name(alpha: float, mix: float) -> str:
+    """The baseline a cell is, named exactly: online DPO draws both responses from pi_t (lambda =
+    0), reference-sampling DPO draws y~ from pi_ref (lambda = 1), XPO adds the bonus (alpha > 0)."""
+    if alpha == 0:
+        return {0.0: "online DPO", 1.0: "ref-sampling DPO"}.get(float(mix), f"DPO, lambda={mix:g}")
+    tail = {1.0: "", 0.0: ", y~ from pi_t"}.get(float(mix), f", lambda={mix:g}")
+    return f"XPO alpha={alpha:g}{tail}"
+
+
+def _methods(final: dict) -> list:
+    mix = np.asarray(final.get("mix", np.ones_like(final["alpha"])))
+    return sorted({(float(a), float(m)) for a, m in zip(final["alpha"], mix)}, key=lambda am: (am[0] > 0, am[0], -am[1]))
+
+
+def _select(final: dict, method: tuple) -> np.ndarray:
+    mix = np.asarray(final.get("mix", np.ones_like(final["alpha"])))
+    return (final["alpha"] == np.float32(method[0])) & (mix == np.float32(method[1]))
+
+
+def seed_table(final: dict, metric: str) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """(methods [(alpha, mix)], betas [Bt], mean [M, Bt], std [M, Bt]) of `metric` over seeds."""
+    methods = _methods(final)
     betas = np.unique(final["beta"])
-    mean = np.full((len(alphas), len(betas)), np.nan)
+    mean = np.full((len(methods), len(betas)), np.nan)
     std = np.full_like(mean, np.nan)
-    for i, a in enumerate(alphas):
+    for i, method in enumerate(methods):
         for j, b in enumerate(betas):
-            sel = (final["alpha"] == a) & (final["beta"] == b)
-            v = np.asarray(final[metric])[sel]
-            mean[i, j], std[i, j] = np.mean(v), np.std(v)
-    return alphas, betas, mean, std
+            v = np.asarray(final[metric])[_select(final, method) & (final["beta"] == b)]
+            mean[i, j], std[i, j] = np.nanmean(v), np.nanstd(v)
+    return methods, betas, mean, std
 
 
 HEATMAP_PANELS = (("j_beta", "exact J_beta (final)"), ("reward", "exact E[r] (final)"), ("kl", "KL(pi || pi_ref)"))
@@ -132,25 +151,24 @@ HEATMAP_PANELS = (("j_beta", "exact J_beta (final)"), ("reward", "exact E[r] (fi
 
 def plot_heatmap(final: dict, path: str, title: str = "", panels: Sequence = HEATMAP_PANELS) -> None:
     """Final exact J_beta, true reward and KL (or `panels`: (metric, title) pairs) averaged over
-    seeds; rows alpha, columns beta."""
+    seeds; rows the methods (alpha, lambda), columns beta."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [(m, t) for m, t in panels if m in final]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 0.5 * len(np.unique(final["alpha"])) + 2.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 0.5 * len(_methods(final)) + 2.4))
     for ax, (metric, t) in zip(np.atleast_1d(axes), panels):
-        alphas, betas, mean, std = seed_table(final, metric)
+        methods, betas, mean, std = seed_table(final, metric)
         im = ax.imshow(mean, aspect="auto", cmap="viridis" if metric != "kl" else "magma")
         for i in range(mean.shape[0]):
             for j in range(mean.shape[1]):
                 ax.text(j, i, f"{mean[i, j]:.3g}\n±{std[i, j]:.2g}", ha="center", va="center", fontsize=7,
                         color="white" if mean[i, j] < np.nanmean(mean) else "black")
         ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
-        ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_yticks(range(len(methods)), [method_name(*m) for m in methods], fontsize=7)
         ax.set_xlabel("beta")
-        ax.set_ylabel("alpha (0 = online DPO)")
         ax.set_title(t, fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046)
     n_seeds = len(np.unique(final["seed"]))
@@ -161,8 +179,8 @@ def plot_heatmap(final: dict, path: str, title: str = "", panels: Sequence = HEA
 
 
 def plot_sweep_curves(final: dict, curves: dict, path: str, metric: str = "eval/j_beta", title: str = "") -> None:
-    """Learning curves of `metric` per alpha (seed mean ± std band), one panel per beta, with
-    pi_ref's value (dotted) and the optimum J* (dashed) when known."""
+    """Learning curves of `metric` per method (alpha, lambda; seed mean ± std band), one panel per
+    beta, with pi_ref's value (dotted) and the optimum J* (dashed) when known."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,19 +190,19 @@ def plot_sweep_curves(final: dict, curves: dict, path: str, metric: str = "eval/
     R = y.shape[1]
     rounds = np.arange(1, R + 1)
     evaluated = ~np.all(np.isnan(y), axis=0)
-    alphas, betas = np.unique(final["alpha"]), np.unique(final["beta"])
+    methods, betas = _methods(final), np.unique(final["beta"])
     fig, axes = plt.subplots(1, len(betas), figsize=(4.4 * len(betas), 3.6), squeeze=False, sharey=False)
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(alphas)))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(methods)))
     for ax, b in zip(axes[0], betas):
-        for a, c in zip(alphas, colors):
-            sel = (final["alpha"] == a) & (final["beta"] == b)
+        for method, c in zip(methods, colors):
+            sel = _select(final, method) & (final["beta"] == b)
             v = y[sel][:, evaluated]
             x = rounds[evaluated]
             if metric == "eval/j_beta" and "ref_j_beta" in final:  # round 0: the policy is pi_ref
                 v = np.concatenate([np.asarray(final["ref_j_beta"])[sel][:, None], v], axis=1)
                 x = np.concatenate([[0], x])
             m, s = np.nanmean(v, 0), np.nanstd(v, 0)
-            ax.plot(x, m, "-", color=c, lw=1.4, label=f"alpha={a:g}" + (" (DPO)" if a == 0 else ""))
+            ax.plot(x, m, "-", color=c, lw=1.4, label=method_name(*method))
             ax.fill_between(x, m - s, m + s, color=c, alpha=0.18, lw=0)
         sel_b = final["beta"] == b
         if metric == "eval/j_beta" and "ref_j_beta" in final:
@@ -203,7 +221,8 @@ def plot_sweep_curves(final: dict, curves: dict, path: str, metric: str = "eval/
 
 
 def write_sweep_outputs(out_dir: str, cfg: Any, final: dict, curves: dict, info: Optional[dict] = None) -> dict:
-    """sweep.csv, heatmap.png, curves.png, curves.npz and sweep.json in `out_dir`; returns paths."""
+    """sweep.csv, heatmap.png, curves.png, curves.npz, params.npz (the final policies) and
+    sweep.json in `out_dir`; returns paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, v) for k, v in (("csv", "sweep.csv"), ("heatmap", "heatmap.png"),
                                                        ("curves", "curves.png"), ("npz", "curves.npz"),
@@ -213,19 +232,26 @@ def write_sweep_outputs(out_dir: str, cfg: Any, final: dict, curves: dict, info:
     plot_heatmap(final, paths["heatmap"], title=title)
     if "eval/j_beta" in curves:
         plot_sweep_curves(final, curves, paths["curves"], title=title)
+    table = {k: v for k, v in final.items() if k != "params"}
     np.savez_compressed(paths["npz"], **{k.replace("/", "__"): v for k, v in curves.items()},
-                        **{"final__" + k: v for k, v in final.items()})
+                        **{"final__" + k: v for k, v in table.items()})
+    if "params" in final:  # every cell's final policy, leaves [G, ...] under their tree paths
+        import jax
+
+        paths["params"] = os.path.join(out_dir, "params.npz")
+        flat = jax.tree_util.tree_flatten_with_path(final["params"])[0]
+        np.savez_compressed(paths["params"], **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
     with open(paths["json"], "w") as f:
         json.dump({"config": cfg.to_dict(), "cells": int(final["alpha"].shape[0]), **(info or {})}, f, indent=1)
     return paths
 
 
 def summary_table(final: dict, metric: str = "j_beta") -> str:
-    """Markdown: mean ± std over seeds of `metric`, rows alpha, columns beta."""
-    alphas, betas, mean, std = seed_table(final, metric)
-    lines = [f"| {metric}: alpha \\ beta | " + " | ".join(f"{b:g}" for b in betas) + " |",
+    """Markdown: mean ± std over seeds of `metric`, rows the methods, columns beta."""
+    methods, betas, mean, std = seed_table(final, metric)
+    lines = [f"| {metric}: method \\ beta | " + " | ".join(f"{b:g}" for b in betas) + " |",
              "|---|" + "---|" * len(betas)]
-    for i, a in enumerate(alphas):
-        lines.append(f"| {a:g}{' (DPO)' if a == 0 else ''} | "
+    for i, method in enumerate(methods):
+        lines.append(f"| {method_name(*method)} | "
                      + " | ".join(f"{mean[i, j]:.4f} ± {std[i, j]:.4f}" for j in range(len(betas))) + " |")
     return "\n".join(lines)

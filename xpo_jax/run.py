@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xpo_jax.config import TrainConfig
 from xpo_jax.models.transformer import Transformer
@@ -147,13 +148,45 @@ def _build_task_run(cfg: TrainConfig) -> Run:
         task.reward_fn, eos_id=task.eos_id, bradley_terry=cfg.bradley_terry,
         missing_eos_penalty=cfg.missing_eos_penalty, mask_identical=cfg.mask_identical,
     )
+    if cfg.min_new_tokens > n:
+        raise ValueError(f"--min-new-tokens={cfg.min_new_tokens} exceeds the {n} new tokens of task {task.name!r}")
     tx, schedule = make_optimizer(cfg)
+    best, r_min, r_max = reward_table(task)
     builder = _round_builder(cfg, apply_fn=model.apply, eos_id=task.eos_id, pad_id=task.pad_id, max_new_tokens=n,
-                             true_reward_fn=task.reward_fn, lr_schedule=schedule)
+                             true_reward_fn=task.reward_fn, optimal_reward_fn=optimal_reward_fn(task, best),
+                             v_max=r_max - r_min, lr_schedule=schedule)
     return Run(cfg=cfg, apply_fn=model.apply, ref_params=ref_params, tx=tx, prompt_len=task.prompt_len,
                max_new_tokens=n, fns=builder(), make_round=builder, oracle=oracle,
                prompts=TaskPrompts(task, cfg.batch_size), evaluator=ExactEval(task, model.apply, cfg.rounds),
                task=task)
+
+
+def reward_table(task: Task) -> tuple[np.ndarray, float, float]:
+    """(best reward of each task prompt [K], the smallest and the largest reward of any response),
+    by enumerating every response: the optimum the `explore/*` metrics compare with, and the
+    reward range V_max of the paper's log-ratio bound (bonus "vmax")."""
+    tokens, mask = (jnp.asarray(a) for a in task.responses)
+
+    def per_prompt(prompt, prompt_mask):
+        m = tokens.shape[0]
+        r = task.reward_fn(jnp.broadcast_to(prompt, (m,) + prompt.shape),
+                           jnp.broadcast_to(prompt_mask, (m,) + prompt.shape), tokens, mask)
+        return jnp.max(r), jnp.min(r)
+
+    best, worst = jax.device_get(jax.jit(jax.vmap(per_prompt))(jnp.asarray(task.prompts), jnp.asarray(task.prompt_mask)))
+    return np.asarray(best, np.float32), float(np.min(worst)), float(np.max(best))
+
+
+def optimal_reward_fn(task: Task, best: np.ndarray) -> Callable:
+    """(prompts [B, P], mask) -> [B]: the best attainable reward of each row's prompt (a row is
+    matched to the task's prompt table by its tokens and mask)."""
+    table, table_mask, best = (jnp.asarray(a) for a in (task.prompts, task.prompt_mask, best))
+
+    def fn(prompts, prompt_mask):
+        same = jnp.all((prompts[:, None, :] == table[None]) & ((prompt_mask[:, None, :] > 0) == (table_mask[None] > 0)), -1)
+        return best[jnp.argmax(same, axis=-1)]
+
+    return fn
 
 
 def _build_hf_run(cfg: TrainConfig, mesh: Any) -> Run:
@@ -166,8 +199,3 @@ def _build_hf_run(cfg: TrainConfig, mesh: Any) -> Run:
     return Run(cfg=cfg, apply_fn=p.apply_fn, ref_params=p.ref_params, tx=tx, prompt_len=cfg.max_prompt_length,
                max_new_tokens=p.max_new_tokens, fns=builder(), make_round=builder, oracle=p.oracle,
                prompts=p.prompts, judge=p.judge, evaluator=p.evaluator, extras={"tokenizer": p.tokenizer})
-
-
-def sample_prompts_host(run: Run, data_key: Array, round_idx: int) -> tuple[Any, Any]:
-    """Round `round_idx`'s whole batch of an in-graph prompt source, on the host (numpy)."""
-    return jax.device_get(jax.jit(run.prompts.batch)(data_key, jnp.int32(round_idx)))

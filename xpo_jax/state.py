@@ -6,9 +6,10 @@ one compiled program), and an optional replay buffer of labelled pairs.
 
 Replay. Algorithm 1 of the XPO paper (arXiv 2405.21046) minimises over all of D_pref and D_opt
 gathered so far; TRL's XPOTrainer keeps nothing (each round trains on its fresh batch only).
-`replay_capacity = 0` is TRL's behaviour; > 0 keeps a ring buffer of the most recent labelled
-pairs (x, y, y~, y_wins) with their reference log-probs (pi_ref is frozen, so they never need
-recomputing) and adds a uniform draw of them to each update: the paper-faithful option, bounded.
+`replay_capacity = 0` is TRL's behaviour; > 0 keeps a ring buffer of every labelled pair so far
+(x, y, y~, y_wins), up to the capacity, with their reference log-probs (pi_ref is frozen, so they
+never need recomputing), and each of the round's K optimiser steps draws a fresh minibatch from
+it: minibatch SGD on Algorithm 1's cumulative objective, whose argmin K -> infinity approaches.
 """
 from __future__ import annotations
 
@@ -38,9 +39,11 @@ class Hyperparams(struct.PyTreeNode):
     temperature: Array
     lr_scale: Array
     label_smoothing: Array
+    exploration_mix: Array  # lambda: P(y~ from pi_ref); 1 = XPO Algorithm 1, 0 = online DPO
 
     @classmethod
-    def create(cls, *, alpha, beta, temperature=1.0, lr_scale=1.0, label_smoothing=0.0, alpha_end=None, beta_end=None):
+    def create(cls, *, alpha, beta, temperature=1.0, lr_scale=1.0, label_smoothing=0.0, alpha_end=None, beta_end=None,
+               exploration_mix=1.0):
         f = lambda x: jnp.asarray(x, jnp.float32)
         return cls(
             alpha=f(alpha),
@@ -50,6 +53,7 @@ class Hyperparams(struct.PyTreeNode):
             temperature=f(temperature),
             lr_scale=f(lr_scale),
             label_smoothing=f(label_smoothing),
+            exploration_mix=f(exploration_mix),
         )
 
     @classmethod
@@ -58,6 +62,7 @@ class Hyperparams(struct.PyTreeNode):
         return cls.create(
             alpha=cfg.alpha, alpha_end=cfg.alpha_end, beta=cfg.beta, beta_end=cfg.beta_end,
             temperature=cfg.temperature, lr_scale=cfg.lr_scale, label_smoothing=cfg.label_smoothing,
+            exploration_mix=cfg.exploration_mix,
         )
 
     def scheduled(self, round_idx: Array, num_rounds: int) -> tuple[Array, Array]:
@@ -107,10 +112,11 @@ class Replay(struct.PyTreeNode):
         new = {k: getattr(self, k).at[idx].set(v.astype(getattr(self, k).dtype)) for k, v in items.items()}
         return self.replace(count=self.count + B, **new)
 
-    def draw(self, key: Array, n: int) -> dict:
-        """n pairs uniformly (with replacement) from the filled part; valid = 0 while empty."""
+    def draw(self, key: Array, shape: tuple) -> dict:
+        """Pairs drawn uniformly (with replacement) from the filled part, each field [*shape, ...]
+        (e.g. (K, M): K minibatches of M); valid = 0 while empty."""
         filled = jnp.minimum(self.count, self.capacity)
-        idx = jax.random.randint(key, (n,), 0, jnp.maximum(filled, 1))
+        idx = jax.random.randint(key, shape, 0, jnp.maximum(filled, 1))
         out = {k: getattr(self, k)[idx] for k in ("prompts", "prompt_mask", "y", "y_mask", "yt", "yt_mask", "y_wins", "ref_y", "ref_yt")}
         out["valid"] = self.valid[idx] * (filled > 0)
         return out

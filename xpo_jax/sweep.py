@@ -1,4 +1,4 @@
-"""alpha x beta x seed sweeps as one compiled program: `jax.vmap` of the pure `train`.
+"""alpha x beta x lambda x seed sweeps as one compiled program: `jax.vmap` of the pure `train`.
 
 The hyperparameters live in the state as arrays (`Hyperparams`), so every cell of a grid runs
 the same XLA program: `jax.jit(jax.vmap(train))(keys [G, 2], hparams [G])` compiles once and
@@ -6,10 +6,17 @@ runs G independent online runs side by side (PureJaxRL's habit). With `devices`,
 is split over a 1-D mesh of those devices (cells never talk to each other, so this is pure data
 parallelism over runs; G is padded to a multiple of the device count and the padding dropped).
 
-    final, curves = xpo_jax.sweep(cfg, alphas=[0, 1e-3, 1e-2], betas=[0.05, 0.1], seeds=range(8))
+    final, curves = xpo_jax.sweep(cfg, alphas=[0, 1e-3, 1e-2], betas=[0.05, 0.1], seeds=range(8),
+                                  mixes=[1.0, 0.0])
     # (the module is callable: xpo_jax.sweep(...) is xpo_jax.sweep.sweep(...))
     final["j_beta"]        # [G] exact J_beta of each cell's final policy
+    final["params"]        # the final policy parameters, every leaf [G, ...]
     curves["eval/j_beta"]  # [G, R] per round (NaN between evaluations)
+
+The exploration mix lambda (P(y~ from pi_ref)) is a grid axis like alpha and beta, so XPO
+(alpha > 0, lambda = 1), online DPO (alpha = 0, lambda = 0) and reference-sampling DPO (alpha = 0,
+lambda = 1) are cells of one program; `alphas=[0], mixes=[0]` is online DPO, not `alphas=[0]`
+alone (that keeps y~ from pi_ref).
 
 Command line (`xpo_jax.cli`; writes <run_dir>/<name>/sweep.csv, heatmap.png, curves.png,
 curves.npz, sweep.json through `xpo_jax.reporting`):
@@ -35,20 +42,23 @@ FINAL_EVAL = {"j_beta": "eval/j_beta", "reward": "eval/reward", "kl": "eval/kl",
 # ----------------------------------------------------------------------------------------------
 
 
-def make_grid(alphas: Sequence[float], betas: Sequence[float], seeds: Sequence[int]) -> dict:
-    """Every (alpha, beta, seed) cell, alpha-major then beta then seed: {"alpha", "beta", "seed"}
-    -> [G] arrays, G = len(alphas) * len(betas) * len(seeds)."""
-    alphas, betas, seeds = list(alphas), list(betas), list(seeds)
-    for name, v in (("alphas", alphas), ("betas", betas), ("seeds", seeds)):
+def make_grid(alphas: Sequence[float], betas: Sequence[float], seeds: Sequence[int],
+              mixes: Sequence[float] = (1.0,)) -> dict:
+    """Every (alpha, beta, mix, seed) cell, alpha-major, then beta, then mix, then seed:
+    {"alpha", "beta", "mix", "seed"} -> [G] arrays, G = the product of the four lengths."""
+    alphas, betas, seeds, mixes = list(alphas), list(betas), list(seeds), list(mixes)
+    for name, v in (("alphas", alphas), ("betas", betas), ("seeds", seeds), ("mixes", mixes)):
         if not v:
             raise ValueError(f"sweep: {name} is empty")
     if any(not (a >= 0 and np.isfinite(a)) for a in alphas):
         raise ValueError(f"sweep: alphas must be finite and >= 0, got {alphas}")
     if any(not (b > 0 and np.isfinite(b)) for b in betas):
         raise ValueError(f"sweep: betas must be finite and > 0, got {betas}")
-    a, b, s = np.meshgrid(np.asarray(alphas, np.float32), np.asarray(betas, np.float32),
-                          np.asarray(seeds, np.int64), indexing="ij")
-    return {"alpha": a.ravel(), "beta": b.ravel(), "seed": s.ravel()}
+    if any(not 0 <= m <= 1 for m in mixes):
+        raise ValueError(f"sweep: mixes (P(y~ from pi_ref)) must lie in [0, 1], got {mixes}")
+    a, b, m, s = np.meshgrid(np.asarray(alphas, np.float32), np.asarray(betas, np.float32),
+                             np.asarray(mixes, np.float32), np.asarray(seeds, np.int64), indexing="ij")
+    return {"alpha": a.ravel(), "beta": b.ravel(), "mix": m.ravel(), "seed": s.ravel()}
 
 
 def grid_inputs(cfg: Any, grid: dict):
@@ -70,17 +80,25 @@ def grid_inputs(cfg: Any, grid: dict):
         label_smoothing=full(cfg.label_smoothing),
         alpha_end=alpha if cfg.alpha_end is None else full(cfg.alpha_end),
         beta_end=beta if cfg.beta_end is None else full(cfg.beta_end),
+        exploration_mix=jnp.asarray(grid["mix"]) if "mix" in grid else full(cfg.exploration_mix),
     )
     keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(grid["seed"], jnp.uint32))
     return keys, hp
 
 
-def sweep_config(cfg: Any) -> Any:
-    """cfg as a sweep runs it: exact evaluation at least after the last round."""
+def sweep_config(cfg: Any, mixes: Optional[Sequence[float]] = None) -> Any:
+    """cfg as a sweep runs it: exact evaluation at least after the last round, and the traced
+    exploration mixture unless every cell samples y~ the same cheap way (all lambda = 1 or all 0)."""
     if getattr(cfg, "policy", None) is not None:
         raise ValueError("sweep: --policy runs have no exact evaluation; sweeps need a built-in task (--task)")
     if not cfg.eval_every:
         cfg = dataclasses.replace(cfg, eval_every=cfg.rounds)
+    if mixes is not None:
+        distinct = set(float(m) for m in mixes)
+        if len(distinct) == 1 and distinct <= {0.0, 1.0}:
+            cfg = dataclasses.replace(cfg, exploration_mix=distinct.pop())
+        else:
+            cfg = dataclasses.replace(cfg, exploration_sampling="mixture")
     return cfg.validate()
 
 
@@ -90,21 +108,23 @@ def sweep_config(cfg: Any) -> Any:
 
 
 def make_sweep_fn(cfg: Any, run: Any = None, devices: Optional[Sequence] = None):
-    """`fn(keys [G, 2], hparams [G]) -> metrics {name: [G, R]}`: `jax.jit(jax.vmap(train))`,
-    the final states dropped. With `devices` (more than one), the G axis is sharded over a 1-D
-    mesh "grid" of them: G must then be a multiple of len(devices) (`sweep` pads)."""
+    """`fn(keys [G, 2], hparams [G]) -> (final params [G, ...], metrics {name: [G, R]})`:
+    `jax.jit(jax.vmap(train))`, the rest of the final states dropped. With `devices` (more than
+    one), the G axis is sharded over a 1-D mesh "grid" of them: G must then be a multiple of
+    len(devices) (`sweep` pads). `cfg` must be `sweep_config`'s."""
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from xpo_jax.run import build_run
     from xpo_jax.train import make_train
 
-    cfg = sweep_config(cfg)
+    cfg = cfg.validate()
     run = run or build_run(cfg)
     train = make_train(cfg, run)
 
     def metrics_only(keys, hparams):
-        return jax.vmap(train)(keys, hparams)[1]
+        state, metrics = jax.vmap(train)(keys, hparams)
+        return state.params, metrics
 
     devices = list(devices) if devices is not None else []
     if len(devices) <= 1:
@@ -146,36 +166,61 @@ def reference_eval(run: Any, betas: np.ndarray) -> dict:
 
 
 def sweep(cfg: Any, alphas: Sequence[float], betas: Sequence[float], seeds: Sequence[int], *,
-          devices: Optional[Sequence] = None, run: Any = None) -> tuple[dict, dict]:
-    """Run every (alpha, beta, seed) cell of cfg's online run as one vmapped program.
+          mixes: Optional[Sequence[float]] = None, devices: Optional[Sequence] = None,
+          run: Any = None) -> tuple[dict, dict]:
+    """Run every (alpha, beta, mix, seed) cell of cfg's online run as one vmapped program.
 
     Returns (final, curves):
-      final:  {"alpha", "beta", "seed", "j_beta", "reward", "kl", "p_optimal", "j_star" (exact,
-              final policy), "j_beta_late" (mean exact J_beta over the evaluations in the last
-              quarter of the rounds), "ref_j_beta", "ref_reward", "ref_p_optimal" (pi_ref at the
-              cell's beta), "sampled_reward" (mean reward of the policy's samples over the last
-              10% of rounds)} -> [G] numpy arrays, cells alpha-major (see `make_grid`);
+      final:  {"alpha", "beta", "mix", "seed", "j_beta", "reward", "kl", "p_optimal", "j_star"
+              (exact, final policy), "j_beta_late" (mean exact J_beta over the evaluations in the
+              last quarter of the rounds), "ref_j_beta", "ref_reward", "ref_p_optimal" (pi_ref at
+              the cell's beta), "sampled_reward" (mean reward of the policy's samples over the
+              last 10% of rounds), "first_optimal_round" (the first round whose y or y~ was an
+              optimal response; NaN if none), "labels_to_p50", "labels_to_p90" (labels used until
+              the exact P(optimal) first reached 0.5 / 0.9, at the evaluation resolution; NaN if
+              never)} -> [G] numpy arrays, cells ordered as `make_grid`; and "params", the final
+              policy parameters (every leaf [G, ...]);
       curves: every per-round metric of `make_train` -> [G, R] numpy arrays (eval/* are NaN
               between evaluations).
-    `devices`: shard the grid over these devices (None or one device: no sharding).
-    cfg.seed and cfg.alpha/beta are ignored (the grid gives them); cfg.eval_every = 0 becomes
-    "evaluate after the last round only".
+    `mixes`: lambda values, P(y~ from pi_ref) (default: cfg.exploration_mix). `devices`: shard
+    the grid over these devices (None or one device: no sharding). cfg.seed, alpha, beta and
+    exploration_mix are ignored (the grid gives them); cfg.eval_every = 0 becomes "evaluate after
+    the last round only".
     """
     import jax
 
     from xpo_jax.run import build_run
 
-    cfg = sweep_config(cfg)
+    mixes = [cfg.exploration_mix] if mixes is None else list(mixes)
+    cfg = sweep_config(cfg, mixes)
     run = run or build_run(cfg)
-    grid = make_grid(alphas, betas, seeds)
+    grid = make_grid(alphas, betas, seeds, mixes)
     G = grid["alpha"].shape[0]
     keys, hp = grid_inputs(cfg, grid)
     n = len(devices) if devices is not None else 1
     fn = make_sweep_fn(cfg, run, devices)
     if n > 1:
         keys, hp = _pad((keys, hp), n)
-    curves = {k: np.asarray(v)[:G] for k, v in jax.device_get(fn(keys, hp)).items()}
-    return finalise(grid, curves, reference_eval(run, grid["beta"])), curves
+    params, metrics = jax.device_get(fn(keys, hp))
+    curves = {k: np.asarray(v)[:G] for k, v in metrics.items()}
+    final = finalise(grid, curves, reference_eval(run, grid["beta"]))
+    final["params"] = jax.tree_util.tree_map(lambda x: np.asarray(x)[:G], params)
+    return final, curves
+
+
+def first_round(hit: np.ndarray) -> np.ndarray:
+    """[G, R] bool -> [G] float: the first round (1-based) where `hit` holds, NaN if never."""
+    any_hit = hit.any(axis=1)
+    return np.where(any_hit, hit.argmax(axis=1) + 1.0, np.nan)
+
+
+def labels_until(curves: dict, metric: str, threshold: float) -> np.ndarray:
+    """[G]: labels used until `metric` (an evaluation curve, NaN between evaluations) first
+    reached `threshold`; NaN if it never did."""
+    r = first_round(np.nan_to_num(curves[metric], nan=-np.inf) >= threshold)
+    labels = curves["labels"]
+    idx = np.nan_to_num(r, nan=1).astype(int) - 1
+    return np.where(np.isnan(r), np.nan, np.take_along_axis(labels, idx[:, None], axis=1)[:, 0])
 
 
 def finalise(grid: dict, curves: dict, ref: dict) -> dict:
@@ -193,6 +238,11 @@ def finalise(grid: dict, curves: dict, ref: dict) -> dict:
             final["j_beta_late"] = np.nanmean(late, axis=1)
     if "task/reward" in curves:
         final["sampled_reward"] = np.mean(curves["task/reward"][:, -max(1, R // 10):], axis=1)
+    if "explore/y_optimal" in curves:
+        final["first_optimal_round"] = first_round((curves["explore/y_optimal"] > 0) | (curves["explore/yt_optimal"] > 0))
+    if "eval/p_optimal" in curves and "labels" in curves:
+        final["labels_to_p50"] = labels_until(curves, "eval/p_optimal", 0.5)
+        final["labels_to_p90"] = labels_until(curves, "eval/p_optimal", 0.9)
     return final
 
 
