@@ -13,6 +13,8 @@ from typing import Optional
 from xpo_jax.losses import LOSS_TYPES
 
 BONUS_FORMS = ("logprob", "logratio", "clip", "vmax")
+FLOAT_DTYPES = ("float32", "bfloat16")
+REMAT_MODES = ("none", "block", "matmuls")
 EXPLORATION_SAMPLING = ("auto", "mixture")
 # A run name is a folder under --run-dir, never a path: no '/', no '..', no hidden names.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -72,6 +74,13 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: split each batch into this many
     replay_capacity: int = 0  # keep every labelled pair so far, up to this many (0 = TRL: train on the fresh batch only)
     replay_batch_size: int = 0  # with replay: each of the K steps draws this many pairs from all pairs so far
+    # -- precision and memory -------------------------------------------------------------
+    compute_dtype: str = "float32"  # activations and matmuls: float32 or bfloat16 (logits and losses stay float32)
+    param_dtype: str = "float32"  # the policy's master weights (and Adam's moments)
+    ref_dtype: Optional[str] = None  # the frozen reference's storage (None: --param-dtype)
+    reward_dtype: Optional[str] = None  # the reward model's storage, HF runs (None: --param-dtype)
+    remat: str = "none"  # rematerialise decoder blocks in the training backward: none, block, matmuls
+    scan_layers: bool = False  # nn.scan over the decoder layers (one compiled layer: faster compiles)
     # -- logging / checkpoints ------------------------------------------------------------
     eval_every: int = 10  # exact J_beta on synthetic tasks every this many rounds (0 = off)
     checkpoint_every: int = 50  # save every this many rounds (0 = only at the end)
@@ -112,6 +121,12 @@ class TrainConfig:
             bad("top_p", "must be in (0, 1]")
         if self.label_smoothing >= 0.5:
             bad("label_smoothing", "must be < 0.5")
+        for f in ("compute_dtype", "param_dtype", "ref_dtype", "reward_dtype"):
+            v = getattr(self, f)
+            if v is not None and v not in FLOAT_DTYPES:
+                bad(f, f"expected one of {', '.join(FLOAT_DTYPES)}")
+        if self.remat not in REMAT_MODES:
+            bad("remat", f"expected one of {', '.join(REMAT_MODES)}")
         if self.bonus not in BONUS_FORMS:
             bad("bonus", f"expected one of {', '.join(BONUS_FORMS)}")
         for f in ("bonus_clip_low", "bonus_clip_high"):
@@ -176,6 +191,10 @@ class TrainConfig:
             resolve_task(self.task)
         except ValueError as e:
             bad("task", f"expected one of {', '.join(sorted(TASKS))} or module:attribute ({e})")
+
+    def model_overrides(self) -> dict:
+        """The ModelConfig fields this run sets on the policy (and reference) model."""
+        return {"dtype": self.compute_dtype, "remat": self.remat, "scan_layers": self.scan_layers}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -112,13 +112,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 # ----------------------------------------------------------------------------------------------
 
 
-def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = FSDP_MIN_SIZE) -> P:
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = FSDP_MIN_SIZE, stacked: bool = False) -> P:
     """PartitionSpec of one weight: its largest dimension divisible by `fsdp_size` over "fsdp"
-    (ties: the first such dimension) when it is >= 2-D with >= `min_size` elements; else P()."""
+    (ties: the first such dimension) when it is >= 2-D with >= `min_size` elements; else P().
+    `stacked`: the leading axis indexes layers (`scan_layers`); it is never split, so each step
+    of the layer scan finds its layer's shards on every device."""
     shape = tuple(int(s) for s in shape)
-    if fsdp_size <= 1 or len(shape) < 2 or math.prod(shape) < min_size:
+    first = 1 if stacked else 0
+    if fsdp_size <= 1 or len(shape) - first < 2 or math.prod(shape) < min_size:
         return P()
-    for d in sorted(range(len(shape)), key=lambda d: -shape[d]):  # stable: ties keep order
+    for d in sorted(range(first, len(shape)), key=lambda d: -shape[d]):  # stable: ties keep order
         if shape[d] % fsdp_size == 0:
             spec = [None] * len(shape)
             spec[d] = FSDP
@@ -126,17 +129,26 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = FSDP_MIN_SIZ
     return P()
 
 
+STACKED_LAYERS = "layers"  # the parameter key of scan_layers' stacked decoder layers
+
+
+def _is_stacked(path: Sequence) -> bool:
+    names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+    return STACKED_LAYERS in names
+
+
 def param_shardings(params: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
     """NamedSharding per leaf of a parameter (or optimiser-state) tree, by `fsdp_spec`."""
     f = _axis_size(mesh, FSDP)
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), f, min_size)), params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, fsdp_spec(np.shape(x), f, min_size, _is_stacked(path))), params)
 
 
 def param_sharding_fn(mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Callable:
     """`(param_path, shape) -> NamedSharding` by the FSDP rule: for loaders that build each
     parameter straight into its sharding (`xpo_jax.models.hf.load_hf(..., shardings=...)`)."""
     f = _axis_size(mesh, FSDP)
-    return lambda path, shape: NamedSharding(mesh, fsdp_spec(shape, f, min_size))
+    return lambda path, shape: NamedSharding(mesh, fsdp_spec(shape, f, min_size, _is_stacked(path)))
 
 
 def state_shardings(state: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:

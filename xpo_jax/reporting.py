@@ -40,14 +40,26 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
-def write_summary(out_dir: str, summary: dict) -> str:
-    """summary.json and summary.md (a two-column table); returns the table."""
+def samples_markdown(rows: list[dict], width: int = 300) -> str:
+    """A markdown table of sample rows (one column per key; long text cut to `width`)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cell = lambda v: (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|").replace("\n", " ")[:width]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_summary(out_dir: str, summary: dict, extra_markdown: str = "") -> str:
+    """summary.json and summary.md (a two-column table, then `extra_markdown`); returns the
+    markdown."""
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     table = ["| metric | value |", "|---|---|"] + [
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()
     ]
-    text = "\n".join(table)
+    text = "\n".join(table) + (f"\n\n{extra_markdown.strip()}" if extra_markdown else "")
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(text + "\n")
     return text

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xpo_jax.config import TrainConfig
-from xpo_jax.models.transformer import Transformer
+from xpo_jax.models.transformer import Transformer, stack_layer_params
 from xpo_jax.oracles import reward_fn_oracle
 from xpo_jax.round import RoundFns, make_optimizer, make_round
 from xpo_jax.state import Hyperparams, XPOState, initial_state
@@ -107,7 +107,7 @@ class Run:
         (a closed-over array would be baked into the program as a constant)."""
         return initial_state(self.cfg, apply_fn=self.apply_fn, ref_params=self.ref_params if ref_params is None
                              else ref_params, tx=self.tx, key=key, hparams=hparams, prompt_len=self.prompt_len,
-                             max_new_tokens=self.max_new_tokens)
+                             max_new_tokens=self.max_new_tokens, param_dtype=self.cfg.param_dtype)
 
     def state_shapes(self, hparams: Optional[Hyperparams] = None) -> XPOState:
         """The state's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), nothing materialised."""
@@ -142,8 +142,11 @@ def _build_task_run(cfg: TrainConfig) -> Run:
     n = cfg.max_new_tokens or task.max_new_tokens
     if n > task.max_new_tokens:
         raise ValueError(f"--max-new-tokens={n} exceeds task {task.name!r}'s limit {task.max_new_tokens}")
-    model = Transformer(task.model_config)
-    ref_params = make_reference(task, jax.random.PRNGKey(cfg.reference_seed))
+    model_config = dataclasses.replace(task.model_config, **cfg.model_overrides())
+    model = Transformer(model_config.validate())
+    ref_params = cast(make_reference(task, jax.random.PRNGKey(cfg.reference_seed)), cfg.ref_dtype or cfg.param_dtype)
+    if model_config.scan_layers:
+        ref_params = stack_layer_params(ref_params, model_config.n_layers)
     oracle = reward_fn_oracle(
         task.reward_fn, eos_id=task.eos_id, bradley_terry=cfg.bradley_terry,
         missing_eos_penalty=cfg.missing_eos_penalty, mask_identical=cfg.mask_identical,
@@ -159,6 +162,11 @@ def _build_task_run(cfg: TrainConfig) -> Run:
                max_new_tokens=n, fns=builder(), make_round=builder, oracle=oracle,
                prompts=TaskPrompts(task, cfg.batch_size), evaluator=ExactEval(task, model.apply, cfg.rounds),
                task=task)
+
+
+def cast(tree: Any, dtype: str) -> Any:
+    """Every floating leaf of `tree` in `dtype` (storage precision of a frozen model)."""
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def reward_table(task: Task) -> tuple[np.ndarray, float, float]:

@@ -156,14 +156,17 @@ class XPOState(train_state.TrainState):
 
 
 def initial_state(cfg, *, apply_fn, ref_params, tx, key: Array, hparams: Hyperparams, prompt_len: int,
-                  max_new_tokens: int) -> XPOState:
+                  max_new_tokens: int, param_dtype=None) -> XPOState:
     """Round 0 of a run: the policy starts at the reference (as in RLHF fine-tuning).
 
+    `param_dtype`: the storage dtype of the policy's parameters (default: the reference's).
     Everything taken from the caller (params and ref_params from `ref_params`, the key, the
     hyperparameters) is a *copy*: the host loop donates the state, and donating one buffer twice
     (as params and as ref_params) is an error, as is deleting the caller's arrays (a later
     `init_state(key, hparams)` with the same key would find it deleted)."""
     replay = Replay.empty(cfg.replay_capacity, prompt_len, max_new_tokens) if cfg.replay_capacity else None
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
-    return XPOState.create_xpo(apply_fn=apply_fn, params=copy(ref_params), ref_params=copy(ref_params), tx=tx,
+    # The policy's master weights in `param_dtype` (e.g. float32 over a bfloat16 reference).
+    params = ref_params if param_dtype is None else jax.tree_util.tree_map(lambda x: x.astype(param_dtype), ref_params)
+    return XPOState.create_xpo(apply_fn=apply_fn, params=copy(params), ref_params=copy(ref_params), tx=tx,
                                rng=copy(key), hparams=copy(hparams), replay=replay)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from xpo_jax import parallel as par
 from xpo_jax.config import TrainConfig, check_resumable
 from xpo_jax.oracles import judge_scores
-from xpo_jax.reporting import plot_run_curves, read_metrics, write_summary
+from xpo_jax.reporting import plot_run_curves, read_metrics, samples_markdown, write_summary
 from xpo_jax.run import Run, build_run
 
 Array = jax.Array
@@ -209,6 +209,28 @@ class Program:
         ev = run.evaluator
         self._evaluate = jax.jit(ev, in_shardings=(st,), out_shardings=rep) if ev is not None and ev.in_graph else None
 
+    def compile(self) -> dict:
+        """Compile the round ahead of time on abstract inputs (nothing allocated) and check that
+        it fits the devices' memory, before any state exists. Later calls use these
+        executables, so a run compiles its round once, fresh or resumed (the restored state
+        carries the same shardings). Returns {program: bytes per device}."""
+        run, cfg = self.run, self.run.cfg
+        sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+        batch = sds((cfg.batch_size, run.prompt_len), jnp.int32, self.bs)
+        if run.prompts.in_graph:
+            key = sds(jax.random.PRNGKey(0).shape, jnp.uint32, self.rep)
+            programs = {"round": (self._step, (self.abstract_state, key, self.oracle))}
+        elif self.oracle is not None:
+            programs = {"round": (self._step, (self.abstract_state, batch, batch, self.oracle))}
+        else:
+            programs = {"make_pairs": (self._pairs, (self.abstract_state, batch, batch))}
+        need = {}
+        for name, (fn, args) in programs.items():
+            compiled = fn.lower(*args).compile()
+            need[name] = _check_fits(compiled, name, cfg, self.mesh)
+            setattr(self, {"round": "_step", "make_pairs": "_pairs"}[name], compiled)
+        return need
+
     def init(self, key: Array, hparams: Any) -> Any:
         return self._init(key, hparams, self.ref_params)
 
@@ -236,10 +258,14 @@ class Program:
 
     @property
     def has_eval(self) -> bool:
-        return self._evaluate is not None
+        return self.run.evaluator is not None
 
-    def evaluate(self, state: Any) -> dict:
-        return {k: float(v) for k, v in par.first_copy(self._evaluate(state)).items()}
+    def evaluate(self, state: Any, round_idx: int) -> tuple[dict, list]:
+        """(eval metrics, sample rows): an in-graph evaluator's jitted program, or a host-driven
+        one's `evaluate(state, round_idx)` (e.g. held-out prompts of an HF run)."""
+        if self._evaluate is not None:
+            return {k: float(v) for k, v in par.first_copy(self._evaluate(state)).items()}, []
+        return self.run.evaluator.evaluate(state, round_idx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +291,7 @@ class Trainer:
         self.program = Program(self.run_, self.mesh)
         self._stop_signal: Optional[int] = None
         self.interrupted = False
+        self.memory: Optional[dict] = None  # bytes per device of each compiled program
 
     # -- the run directory ----------------------------------------------------------------
 
@@ -316,12 +343,14 @@ class Trainer:
         from xpo_jax.checkpoint import Checkpointer
 
         cfg, run, prog = self.cfg, self.run_, self.program
+        if self.memory is None:  # before any state or file exists: a round that cannot fit is refused here
+            self.memory = prog.compile()
         if self.lead:
             os.makedirs(self.out, exist_ok=True)
         par.barrier("xpo_jax:run-dir")
         ckpt = Checkpointer(self.ckpt_dir, keep=cfg.keep_checkpoints)
         key = jax.random.PRNGKey(cfg.seed)
-        data_key = run.data_key(key)
+        data_key = _place(run.data_key(key), prog.rep)
         start, state, t_offset = 0, None, 0.0
         log_path = os.path.join(self.out, "metrics.jsonl")
         if cfg.resume:
@@ -341,6 +370,7 @@ class Trainer:
         writer = None
         if self.lead:
             kept = _trim_metrics(log_path, start)
+            _trim_metrics(os.path.join(self.out, "samples.jsonl"), start)
             t_offset = kept[-1].get("time/elapsed_s", 0.0) if kept else 0.0
             with open(os.path.join(self.out, "config.json"), "w") as f:
                 f.write(cfg.to_json())
@@ -349,7 +379,7 @@ class Trainer:
         bar = self._progress(start)
         old_handler = signal.signal(signal.SIGTERM, self._on_signal)
         if start == 0 and prog.has_eval and cfg.eval_every:
-            self._write(log, writer, {"round": 0, **prog.evaluate(state)})
+            self._write(log, writer, {"round": 0, **self._evaluate(state, 0, writer)})
         last_saved = start
         end = cfg.rounds if stop_after is None else min(cfg.rounds, start + stop_after)
         t0 = time.perf_counter()
@@ -363,7 +393,7 @@ class Trainer:
                     raise NonFiniteLoss(f"round {r}: loss={m['loss']}, grad_norm={m['grad_norm']}; stopping. "
                                         f"The last good checkpoint ({where}) is untouched.")
                 if prog.has_eval and cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds):
-                    m.update(prog.evaluate(state))
+                    m.update(self._evaluate(state, r, writer))
                 m["round"] = r
                 m["time/elapsed_s"] = t_offset + time.perf_counter() - t0
                 self._write(log, writer, m)
@@ -453,6 +483,17 @@ class Trainer:
 
         return tqdm(total=self.cfg.rounds, initial=start, desc=self.cfg.name, unit="round")
 
+    def _evaluate(self, state: Any, r: int, writer) -> dict:
+        """The evaluator's metrics at round r; its sample rows go to samples.jsonl and to
+        TensorBoard as a text table (process 0)."""
+        metrics, samples = self.program.evaluate(state, r)
+        if samples and self.lead:
+            with open(os.path.join(self.out, "samples.jsonl"), "a") as f:
+                f.writelines(json.dumps({"round": r, **row}) + "\n" for row in samples)
+            if writer is not None:
+                writer.add_text("samples", samples_markdown(samples), r)
+        return metrics
+
     @staticmethod
     def _write(log, writer, m: dict) -> None:
         if log is not None:
@@ -484,10 +525,51 @@ class Trainer:
             summary["final_kl_estimate"] = train_rows[-1]["objective/kl"]
             summary["seconds"] = train_rows[-1]["time/elapsed_s"]
             summary["seconds_per_round"] = summary["seconds"] / max(len(train_rows), 1)
-        print(write_summary(self.out, summary))
+        extra = ""
+        ev = self.run_.evaluator
+        if ev is not None and hasattr(ev, "summarise"):  # e.g. held-out tables and samples of an HF run
+            samples_path = os.path.join(self.out, "samples.jsonl")
+            samples = read_metrics(samples_path) if os.path.exists(samples_path) else []
+            entries, extra = ev.summarise(rows, samples)
+            summary.update(entries)
+        print(write_summary(self.out, summary, extra))
         name = cfg.task if cfg.policy is None else os.path.basename(cfg.policy.rstrip("/"))
         plot_run_curves(rows, os.path.join(self.out, "curve.png"), title=f"{cfg.name} on {name}")
         return summary
+
+
+def device_memory_bytes(device) -> Optional[int]:
+    """What one device can hold: its allocator's limit (GPU, TPU), or for CPU devices the host's
+    available memory shared by the process's local devices; None when unknown."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return None
+        return avail // max(1, jax.local_device_count())
+    return None
+
+
+def _check_fits(compiled: Any, name: str, cfg: TrainConfig, mesh: jax.sharding.Mesh) -> int:
+    """Bytes per device the compiled program needs (arguments + outputs + temporaries, less what
+    donation aliases); ValueError naming the batch size when that exceeds the device's memory."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    need = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    have = device_memory_bytes(mesh.devices.flat[0])
+    if have is not None and need > have:
+        gib = 2.0 ** 30
+        raise ValueError(
+            f"--batch-size={cfg.batch_size}: one {name} program needs {need / gib:.2f} GiB per device (arguments "
+            f"{m.argument_size_in_bytes / gib:.2f}, temporaries {m.temp_size_in_bytes / gib:.2f}) but a "
+            f"{mesh.devices.flat[0].platform} device has {have / gib:.2f} GiB; lower --batch-size (or "
+            f"--max-new-tokens / --max-prompt-length), raise --micro-batches, or add devices (--data / --fsdp)")
+    return need
 
 
 def _existing_ancestor(path: str) -> str:

@@ -162,9 +162,11 @@ def check_hf_inputs(cfg: TrainConfig) -> None:
             raise ValueError(f"--prompts: no file matches {p!r}")
 
 
-def _load(flag: str, path: str, want_kind: str, sharding_fn: Optional[Callable]):
+def _load(flag: str, path: str, want_kind: str, sharding_fn: Optional[Callable], dtype: str, overrides: dict):
+    """A checkpoint straight into its shardings (`sharding_fn`), stored in `dtype`, with the run's
+    ModelConfig overrides (compute dtype, remat, scan_layers); errors name the flag."""
     try:
-        config, params, kind = load_hf(path, shardings=sharding_fn) if sharding_fn else load_hf(path)
+        config, params, kind = load_hf(path, dtype=dtype, shardings=sharding_fn, overrides=overrides)
     except (OSError, KeyError, ValueError, NotImplementedError) as e:
         raise ValueError(f"--{flag}={path!r}: {e}") from e
     if kind != want_kind:
@@ -181,8 +183,13 @@ def build_hf_pieces(cfg: TrainConfig, mesh: Any = None) -> HFPieces:
         sharding_fn = param_sharding_fn(mesh)
     tok = TextTokenizer.from_dir(cfg.policy)
     rm_tok = TextTokenizer.from_dir(cfg.reward_model)
-    pol_cfg, params = _load("policy", cfg.policy, "causal_lm", sharding_fn)
-    rm_cfg, rm_params = _load("reward-model", cfg.reward_model, "reward_model", sharding_fn)
+    # The policy checkpoint is the reference: stored in --ref-dtype; the policy's master copy is
+    # made from it in --param-dtype when the state is initialised.
+    pol_cfg, params = _load("policy", cfg.policy, "causal_lm", sharding_fn, cfg.ref_dtype or cfg.param_dtype,
+                            cfg.model_overrides())
+    rm_cfg, rm_params = _load("reward-model", cfg.reward_model, "reward_model", sharding_fn,
+                              cfg.reward_dtype or cfg.param_dtype,
+                              {"dtype": cfg.compute_dtype, "scan_layers": cfg.scan_layers})
     for flag, t, c in (("policy", tok, pol_cfg), ("reward-model", rm_tok, rm_cfg)):
         if t.vocab_size > c.vocab_size:
             raise ValueError(f"--{flag}={getattr(cfg, flag.replace('-', '_'))!r}: the tokenizer has {t.vocab_size} "
