@@ -12,6 +12,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # subprocesses some tests start (they inherit the variable) compile once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="xpo_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Reference fine-tunes are cached on disk (xpo_jax.tasks.reference): a fresh folder per session,
+# so tests never read (or leave) a user's cache.
+os.environ.setdefault("XPO_JAX_CACHE", tempfile.mkdtemp(prefix="xpo_jax_ref_cache_"))
 
 import jax  # noqa: E402
 

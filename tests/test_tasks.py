@@ -1,6 +1,11 @@
-"""Tests for xpo_jax.tasks: enumeration, exact evaluation, rewards, reference policies."""
+"""Tests for xpo_jax.tasks: enumeration, exact evaluation, rewards, reference policies (explicit,
+fine-tuned, cached on disk), suppressed ids, the policy model of a task, the coverage families."""
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +13,20 @@ import numpy as np
 import pytest
 
 from xpo_jax import logprobs, sampling, tasks
-from xpo_jax.models.transformer import Transformer, init_params
+from xpo_jax.models.tabular import TabularPolicy
+from xpo_jax.models.transformer import SUPPRESSED_LOGIT, Transformer, init_params
+from xpo_jax.tasks import reference as reference_module
 
 EOS, PAD = tasks.EOS_ID, tasks.PAD_ID
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """This module's reference cache: a fresh folder, never the user's ~/.cache."""
+    path = str(tmp_path_factory.mktemp("xpo_jax_cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(reference_module.CACHE_ENV, path)
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -295,12 +311,14 @@ def test_user_defined_task_in_a_few_lines():
         prompts=np.array([[2], [3], [4]]), prompt_mask=np.ones((3, 1)),
         max_new_tokens=2, reward_fn=reward,
     )
-    apply_fn = Transformer(task.model_config).apply
+    apply_fn = task.make_model().apply
+    assert isinstance(task.make_model(), Transformer) and task.make_model() is task.make_model()
     ref = tasks.make_reference(task, jax.random.key(0))  # no demonstrations: the random init
     params = init_params(dataclasses.replace(task.model_config, init_std=1.0), jax.random.key(1))
     out = jax.jit(functools.partial(task.exact_eval, apply_fn))(params, ref, 0.1)
 
-    assert task.responses[0].shape == (1 + 6 + 36, 2)
+    # Padding (0) is suppressed: 5 tokens besides EOS, so 1 + 5 + 25 responses.
+    assert task.suppressed_ids == (0,) and task.responses[0].shape == (1 + 5 + 25, 2)
     # Brute force over explicit forwards: next-token distributions after [x] and [x, first].
     @jax.jit
     def next_token(params, seq):
@@ -316,10 +334,12 @@ def test_user_defined_task_in_a_few_lines():
         name: np.asarray(next_token(p, pairs), np.float64).reshape(3, 7, 7)
         for name, p in (("pi", params), ("ref", ref))
     }
+    for dist in (*after_x.values(), *after_xt.values()):
+        assert (dist[..., PAD] == 0).all()  # suppressed: exactly zero mass on padding
     reward_sum = kl = 0.0
     for i, x in enumerate((2, 3, 4)):
-        # responses: [EOS], [t, EOS] and [t, u] (cut at the limit), t, u != EOS
-        responses = [(1,)] + [(t, u) for t in (0, 2, 3, 4, 5, 6) for u in range(7)]
+        # responses: [EOS], [t, EOS] and [t, u] (cut at the limit), t, u != EOS, pad
+        responses = [(1,)] + [(t, u) for t in (2, 3, 4, 5, 6) for u in range(1, 7)]
         for first, *rest in responses:
             if not rest:
                 pi, q = after_x["pi"][i, first], after_x["ref"][i, first]
@@ -391,3 +411,393 @@ def test_resolve_task_from_module_attribute(tmp_path, monkeypatch):
         tasks.resolve_task("my_xpo_tasks:nope")
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         tasks.resolve_task("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy model of a task, explicit references
+
+
+def test_explicit_reference_is_returned_without_fine_tuning(monkeypatch):
+    task = tasks.get_task("bandit-1e-2")
+    assert isinstance(task.make_model(), TabularPolicy)
+    # Even with demonstrations, an explicit reference is returned as it is.
+    chain = tasks.make_chain_transformer_task(coverage=0.1)
+    task = dataclasses.replace(task, name="bandit-with-demos", demonstrations=chain.demonstrations)
+    monkeypatch.setattr(reference_module, "_fine_tune", lambda *a: pytest.fail("fine-tuned"))
+    ref = tasks.make_reference(task, jax.random.key(0))
+    np.testing.assert_array_equal(ref["logits"], task.reference_params["logits"])
+    assert isinstance(ref["logits"], jax.Array) and ref["logits"].dtype == jnp.float32
+    assert tasks.make_reference(task, jax.random.key(0)) is ref
+
+
+def test_explicit_reference_is_checked_against_the_model():
+    task = tasks.get_task("bandit-1e-2")
+    v = task.vocab_size
+    good = task.reference_params["logits"]
+    replace = functools.partial(dataclasses.replace, task)
+    with pytest.raises(ValueError, match=rf"reference_params\['logits'\] has shape \(3, 3\); the "
+                                         rf"TabularPolicy model expects \({v}, {v}\)"):
+        replace(reference_params={"logits": np.zeros((3, 3))})
+    with pytest.raises(ValueError, match=r"reference_params lacks \['logits'\]"):
+        replace(reference_params={"table": good})
+    with pytest.raises(ValueError, match=r"reference_params has \['extra'\], which the TabularPolicy"):
+        replace(reference_params={"logits": good, "extra": np.zeros(2)})
+    with pytest.raises(ValueError, match="of the Transformer model"):  # a table for a decoder
+        replace(model_class=Transformer)
+    # float64 tables are stored in the model's dtype
+    assert replace(reference_params={"logits": np.float64(good)}).reference_params["logits"].dtype == np.float32
+
+
+def test_init_params_follow_the_model_class():
+    bandit = tasks.get_task("bandit-1e-1")
+    p = bandit.init_params(jax.random.key(0))
+    assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure({"logits": 0})
+    assert p["logits"].shape == (bandit.vocab_size,) * 2
+    hard = tasks.get_task("hard-explore")
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, hard.param_shapes())
+    want = jax.tree_util.tree_map(lambda x: x.shape, init_params(hard.model_config, jax.random.key(0)))
+    assert shapes == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Suppressed ids
+
+
+def echo_task(**changes):
+    fields = dict(name="echo", vocab_size=6, eos_id=1, pad_id=0, prompts=np.array([[2], [3]]),
+                  prompt_mask=np.ones((2, 1)), max_new_tokens=3,
+                  reward_fn=lambda p, pm, r, rm: (r[:, 0] == p[:, -1]).astype(jnp.float32))
+    return tasks.Task(**{**fields, **changes})
+
+
+def test_suppressed_ids_reach_the_model_and_the_enumeration():
+    task = echo_task(suppress_ids=(3,))
+    assert task.suppressed_ids == (0, 3) and task.model_config.suppress_ids == (0, 3)
+    tokens, mask = task.responses
+    assert len(tokens) == 1 + 3 + 9 + 27  # tokens 2, 4, 5 besides EOS
+    assert not np.isin(tokens[mask > 0], (0, 3)).any()
+    # A random decoder far from uniform: the enumerated responses still carry all the mass.
+    params = init_params(dataclasses.replace(task.model_config, init_std=1.0), jax.random.key(4))
+    logp = np.asarray(task.response_logprobs(task.make_model().apply, params), np.float64)
+    np.testing.assert_allclose(np.exp(logp).sum(1), 1.0, atol=1e-5)
+    # replace() recomputes them from the new fields
+    moved = dataclasses.replace(task, pad_id=5)
+    assert moved.suppressed_ids == (3, 5) and moved.model_config.suppress_ids == (3, 5)
+    assert echo_task(pad_id=1).suppressed_ids == ()  # pad == EOS: EOS stays generable
+    with pytest.raises(ValueError, match=r"suppress_ids: 9 is not a token id in \[0, 6\)"):
+        echo_task(suppress_ids=(9,))
+    with pytest.raises(ValueError, match="leave no response token besides EOS"):
+        echo_task(suppress_ids=(2, 3, 4, 5))
+
+
+def test_policies_put_zero_mass_on_suppressed_ids(hard, apply_fn, ref_params):
+    """Every next-token distribution a response can meet (each prompt x every enumerated prefix)
+    gives exactly 0 to the suppressed ids: the trained hard-explore reference, explicit tabular
+    references, and a far-from-uniform random policy of the copy task."""
+
+    def suppressed_mass(task, params, model_apply):
+        strings, _ = task._prefixes
+        s, (k, p) = strings.shape[0], task.prompts.shape
+        seq = np.concatenate([np.repeat(task.prompts, s, 0), np.tile(strings, (k, 1))], 1)
+        mask = np.concatenate([np.repeat(task.prompt_mask, s, 0), np.ones((k * s, strings.shape[1]), int)], 1)
+        probs = jax.jit(model_apply)({"params": params}, jnp.asarray(seq), jnp.asarray(mask))
+        return float(jax.nn.softmax(probs)[:, p - 1:][..., list(task.suppressed_ids)].max())
+
+    assert PAD in hard.suppressed_ids
+    assert suppressed_mass(hard, ref_params, apply_fn) == 0.0
+    for name in ("copy", "bandit-1e-3", "chain-1e-3"):
+        task = tasks.get_task(name)
+        assert PAD in task.suppressed_ids
+        params = task.reference_params
+        if params is None:
+            params = jax.tree_util.tree_map(lambda x: 50 * x, task.init_params(jax.random.key(1)))
+        assert suppressed_mass(task, params, task.make_model().apply) == 0.0, name
+    # The sampler draws from these logits: padding's is the finite SUPPRESSED_LOGIT, exp() = 0.
+    prompts = jnp.asarray(hard.prompts)
+    logits = apply_fn({"params": ref_params}, prompts, jnp.ones_like(prompts))
+    assert (np.asarray(logits)[..., PAD] == SUPPRESSED_LOGIT).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference cache on disk
+
+
+def cache_task(**changes):
+    """A fine-tuned reference that is cheap to compile: the chain's demonstrations, a table."""
+    base = tasks.make_chain_transformer_task(coverage=0.1, reference_steps=20)
+    fields = dict(name="cache-test", model_class=TabularPolicy, reference_batch_size=16)
+    return dataclasses.replace(base, **{**fields, **changes})
+
+
+def forget(task):
+    """Drop ``task`` from the in-process memo (as a new process would start)."""
+    for k in [k for k in reference_module._REFERENCE_CACHE if k[0] is task]:
+        del reference_module._REFERENCE_CACHE[k]
+
+
+@pytest.fixture
+def fine_tunes(monkeypatch):
+    """The names of the tasks fine-tuned during a test."""
+    calls, real = [], reference_module._fine_tune
+
+    def spy(task, params, key):
+        calls.append(task.name)
+        return real(task, params, key)
+
+    monkeypatch.setattr(reference_module, "_fine_tune", spy)
+    return calls
+
+
+def assert_same_params(a, b):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_reference_is_cached_on_disk_and_loaded_without_fine_tuning(cache_dir, fine_tunes):
+    task, key = cache_task(), jax.random.key(0)
+    path = tasks.reference_cache_path(task, key)
+    assert path.startswith(cache_dir) and "cache-test" in os.path.basename(path)
+    assert not os.path.exists(path)
+    first = tasks.make_reference(task, key)
+    assert fine_tunes == ["cache-test"] and os.path.exists(path)
+    assert not [f for f in os.listdir(cache_dir) if f.startswith(".tmp")]  # no temporary left
+    forget(task)
+    again = tasks.make_reference(task, key)  # from disk
+    rebuilt = tasks.make_reference(cache_task(), key)  # a new Task (new closures), same content
+    assert fine_tunes == ["cache-test"]
+    assert_same_params(again, first)
+    assert_same_params(rebuilt, first)
+    assert_same_params(first, tasks.train_reference(task, key)[0])  # what it stands for
+
+
+def test_reference_cache_is_shared_with_a_new_process(cache_dir):
+    """Another interpreter (another string-hash seed) finds the same file and loads it without
+    fine-tuning."""
+    key = jax.random.key(0)
+    first = tasks.make_reference(cache_task(), key)
+    script = (
+        "import dataclasses, jax, numpy as np\n"
+        "from xpo_jax import tasks\n"
+        "from xpo_jax.models.tabular import TabularPolicy\n"
+        "from xpo_jax.tasks import reference\n"
+        "def no(*a): raise SystemExit('fine-tuned')\n"
+        "reference._fine_tune = no\n"
+        "base = tasks.make_chain_transformer_task(coverage=0.1, reference_steps=20)\n"
+        "task = dataclasses.replace(base, name='cache-test', model_class=TabularPolicy, reference_batch_size=16)\n"
+        "print(tasks.reference_cache_path(task, jax.random.key(0)))\n"
+        "np.save('out.npy', np.asarray(tasks.make_reference(task, jax.random.key(0))['logits']))\n"
+    )
+    env = {**os.environ, reference_module.CACHE_ENV: cache_dir, "PYTHONHASHSEED": "12345",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=cache_dir, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == tasks.reference_cache_path(cache_task(), key)
+    np.testing.assert_array_equal(np.load(os.path.join(cache_dir, "out.npy")), first["logits"])
+
+
+def test_every_ingredient_of_the_cache_key_changes_it(monkeypatch):
+    from xpo_jax.tasks import coverage as coverage_module
+
+    base, key = cache_task(), jax.random.key(0)
+    digest = functools.partial(tasks.reference_digest, key=key)
+    d0 = digest(base)
+    assert digest(cache_task()) == d0  # content, not identity
+    demos = base.demonstrations
+    variants = {
+        "name": cache_task(name="cache-test-2"),
+        "vocab_size": cache_task(vocab_size=base.vocab_size + 1, model_config=None),
+        "pad_id": cache_task(pad_id=base.vocab_size - 1),
+        "eos_id": cache_task(eos_id=base.vocab_size - 1),
+        "suppress_ids": cache_task(suppress_ids=(2, 7)),
+        "prompts": cache_task(prompts=np.array([[3]])),
+        "max_new_tokens": cache_task(max_new_tokens=3),
+        "model_config": cache_task(model_config=dataclasses.replace(base.model_config, init_std=0.5)),
+        "model_class": cache_task(model_class=Transformer),
+        "reference_steps": cache_task(reference_steps=21),
+        "reference_batch_size": cache_task(reference_batch_size=17),
+        "reference_learning_rate": cache_task(reference_learning_rate=1e-3),
+        "demonstrations code": cache_task(demonstrations=lambda k, b: demos(k, b)),
+        "demonstrations closure": dataclasses.replace(
+            base, demonstrations=tasks.make_chain_transformer_task(coverage=0.2).demonstrations),
+    }
+    digests = {name: digest(task) for name, task in variants.items()}
+    digests["key"] = tasks.reference_digest(base, jax.random.key(1))
+    with monkeypatch.context() as mp:  # a function the demonstrations call, through a global
+        mp.setattr(coverage_module, "_pick_prompts", lambda *a: None)
+        digests["a global function"] = digest(base)
+    with monkeypatch.context() as mp:  # the code that trains (model, reference.py, logprobs.py)
+        mp.setattr(reference_module, "_code_version", lambda model_class: "edited")
+        digests["code"] = digest(base)
+    for name, d in digests.items():
+        assert d != d0, name
+    assert len(set(digests.values())) == len(digests)
+    # An explicit key replaces the content (two different tasks share it), but not the PRNG key.
+    mine = cache_task(reference_cache_key="mine")
+    assert digest(mine) == digest(cache_task(name="other", reference_cache_key="mine")) != d0
+    assert tasks.reference_digest(mine, jax.random.key(1)) != digest(mine)
+
+
+def test_a_changed_ingredient_misses_the_cache(cache_dir, fine_tunes):
+    key = jax.random.key(0)
+    tasks.make_reference(cache_task(), key)
+    changed = cache_task(reference_learning_rate=1e-2)
+    tasks.make_reference(changed, key)
+    assert fine_tunes[-1] == "cache-test" and os.path.exists(tasks.reference_cache_path(changed, key))
+    assert tasks.reference_cache_path(changed, key) != tasks.reference_cache_path(cache_task(), key)
+    n = len(fine_tunes)
+    forget(changed)
+    tasks.make_reference(changed, key)
+    assert len(fine_tunes) == n  # now it is on disk too
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty", "wrong shapes"])
+def test_a_corrupt_cache_file_is_recomputed_and_rewritten(damage, fine_tunes):
+    task, key = cache_task(), jax.random.key(0)
+    good = tasks.make_reference(task, key)
+    path = tasks.reference_cache_path(task, key)
+    data = open(path, "rb").read()
+    if damage == "wrong shapes":  # a well-formed file whose parameters are not this model's
+        reference_module._write(path, {"logits": np.zeros((3, 3), np.float32)})
+    else:
+        bad = {"flip": data[:-7] + bytes([data[-7] ^ 1]) + data[-6:], "truncate": data[: len(data) // 2],
+               "garbage": b"\x00not a cache file" * 10, "empty": b""}[damage]
+        open(path, "wb").write(bad)
+    forget(task)
+    n = len(fine_tunes)
+    with pytest.warns(UserWarning, match="unreadable reference cache file"):
+        again = tasks.make_reference(task, key)
+    assert len(fine_tunes) == n + 1  # recomputed, not trusted
+    assert_same_params(again, good)
+    assert open(path, "rb").read() == data  # and rewritten
+    forget(task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tasks.make_reference(task, key)
+    assert len(fine_tunes) == n + 1
+
+
+def test_cache_off_and_demonstrations_without_stable_content(monkeypatch, tmp_path, fine_tunes):
+    monkeypatch.setenv(reference_module.CACHE_ENV, "off")
+    assert tasks.reference_cache_path(cache_task(), jax.random.key(0)) is None
+    monkeypatch.setenv(reference_module.CACHE_ENV, str(tmp_path))
+    demos, handle = cache_task().demonstrations, object()  # repr shows an address: no content
+
+    def unstable(key, batch_size):
+        assert handle is not None
+        return demos(key, batch_size)
+
+    with pytest.warns(UserWarning, match="not cached on disk"):
+        assert tasks.reference_cache_path(cache_task(demonstrations=unstable), jax.random.key(0)) is None
+    named = cache_task(demonstrations=unstable, reference_cache_key="unstable-demos-v1")
+    assert tasks.reference_cache_path(named, jax.random.key(0)).startswith(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage families
+
+
+def np_softmax_rows(table, suppressed):
+    logits = np.float64(table).copy()
+    logits[:, list(suppressed)] = -np.inf
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+COVERAGE_PRESETS = [f"{family}-{label}" for family in ("bandit", "chain")
+                    for label in ("1e-1", "1e-2", "1e-3", "1e-4")]
+
+
+@pytest.mark.parametrize("name", COVERAGE_PRESETS)
+def test_tabular_presets_have_exactly_the_requested_coverage(name):
+    task = tasks.get_task(name)
+    coverage = float(name.split("-", 1)[1])
+    ref = tasks.make_reference(task, jax.random.key(0))
+    out = task.exact_eval(task.make_model().apply, ref, ref, 0.1)
+    np.testing.assert_allclose(float(out["p_optimal"]), coverage, rtol=1e-5)
+    assert float(out["j_star"]) > float(out["j_beta"])  # the reference is not optimal
+
+
+def test_bandit_rewards_and_reference_by_hand():
+    k_, a_ = 3, 5
+    task = tasks.make_bandit_task(coverage=0.03, num_prompts=k_, num_actions=a_, second_best_mass=0.6,
+                                  second_best_reward=0.25, reward_scale=2.0, name="bandit-test")
+    assert task.vocab_size == 2 + k_ + a_ and task.max_new_tokens == 1
+    assert set(task.suppressed_ids) == {PAD, EOS, 2, 3, 4}  # pad, EOS, the prompt tokens
+    tokens, mask = task.responses
+    np.testing.assert_array_equal(tokens[:, 0], np.arange(5, 10))  # exactly the actions
+    probs = np_softmax_rows(task.reference_params["logits"], task.suppressed_ids)
+    for k in range(k_):
+        best, second = k % a_, (k + 1) % a_  # the documented rule
+        want_r = np.where(np.arange(a_) == best, 2.0, np.where(np.arange(a_) == second, 0.5, 0.0))
+        np.testing.assert_allclose(rewards_of(task, k, tokens, mask), want_r)
+        want_p = np.full(a_, (1 - 0.03 - 0.6) / 3)
+        want_p[best], want_p[second] = 0.03, 0.6
+        np.testing.assert_allclose(probs[2 + k, 5:], want_p, rtol=1e-6)
+    assert rewards_of(task, 0, np.array([[5]]), np.array([[0]]))[0] == 0.0  # masked: no action
+    ref = tasks.make_reference(task, jax.random.key(0))
+    out = task.exact_eval(task.make_model().apply, ref, ref, 0.1)
+    np.testing.assert_allclose(float(out["p_optimal"]), 0.03, rtol=1e-5)
+    np.testing.assert_allclose(float(out["reward"]), 0.03 * 2.0 + 0.6 * 0.5, rtol=1e-5)
+    with pytest.raises(ValueError, match="coverage \\+ second_best_mass must be < 1"):
+        tasks.make_bandit_task(coverage=0.3, second_best_mass=0.7)
+
+
+def test_chain_rewards_and_reference_by_hand():
+    task = tasks.make_chain_task(coverage=0.02, length=2, num_distractors=3, stop_mass=0.4, name="chain-test")
+    # pad 0, EOS 1, prompt 2, chain 3 4, distractors 5 6 7; responses up to 3 tokens
+    assert task.vocab_size == 8 and task.max_new_tokens == 3 and task.suppressed_ids == (0, 2)
+    cases = [([3, 4, EOS], [1, 1, 1], 1.0), ([3, 4, 4], [1, 1, 1], 2 / 3), ([3, EOS, PAD], [1, 1, 0], 1 / 3),
+             ([5, 4, EOS], [1, 1, 1], 0.0), ([EOS, PAD, PAD], [1, 0, 0], 0.0), ([4, 3, EOS], [1, 1, 1], 0.0),
+             ([3, 5, EOS], [1, 1, 1], 1 / 3)]
+    np.testing.assert_allclose(rewards_of(task, 0, np.array([c[0] for c in cases]), np.array([c[1] for c in cases])),
+                               [c[2] for c in cases], rtol=1e-6)
+    q = 0.02 ** (1 / 3)
+    probs = np_softmax_rows(task.reference_params["logits"], task.suppressed_ids)
+    # row of the prompt token: 3 w.p. q, EOS 0.4(1-q), the other 4 response tokens 0.6(1-q)/4
+    np.testing.assert_allclose(probs[2], [0, 0.4 * (1 - q), 0, q] + [0.6 * (1 - q) / 4] * 4, rtol=1e-6)
+    np.testing.assert_allclose(probs[3], [0, 0.4 * (1 - q), 0, 0.6 * (1 - q) / 4, q] + [0.6 * (1 - q) / 4] * 3,
+                               rtol=1e-6)
+    np.testing.assert_allclose(probs[4], [0, q, 0] + [(1 - q) / 5] * 5, rtol=1e-6)  # last step: EOS
+    np.testing.assert_allclose(probs[5], [0, 0.4, 0] + [0.6 / 5] * 5, rtol=1e-6)  # a distractor
+    assert np.isclose(probs[2, 3] * probs[3, 4] * probs[4, EOS], 0.02, rtol=1e-6)
+    # The exact evaluation's whole distribution is the Markov chain of these rows.
+    ref = tasks.make_reference(task, jax.random.key(0))
+    logp = np.asarray(task.response_logprobs(task.make_model().apply, ref), np.float64)[0]
+    tokens, mask = task.responses
+    want = [np.prod([probs[prev, t] for prev, t in zip([2, *row[:-1]], row)])
+            for row in (list(t[: int(m.sum())]) for t, m in zip(tokens, mask))]
+    np.testing.assert_allclose(np.exp(logp), want, rtol=2e-5, atol=1e-10)
+    out = task.exact_eval(task.make_model().apply, ref, ref, 0.1)
+    np.testing.assert_allclose(float(out["p_optimal"]), 0.02, rtol=1e-5)
+
+
+def test_chain_transformer_demonstrations_follow_the_tabular_reference():
+    """8192 demonstrations: right-padded responses after the prompt token, the first token
+    distributed as the table's start row (chi-square) and y* as often as the coverage (0.1)."""
+    from scipy import stats
+
+    task = tasks.get_task("chain-transformer-1e-1")
+    table = tasks.get_task("chain-1e-1")
+    assert task.model_class is Transformer and task.reference_params is None
+    assert task.suppressed_ids == table.suppressed_ids and task.prompts.tolist() == [[2]]
+    n = 8192
+    p, pm, y, ym = (np.asarray(a) for a in jax.jit(task.demonstrations, static_argnums=1)(jax.random.key(0), n))
+    assert (p == 2).all() and (pm == 1).all() and y.shape == ym.shape == (n, 4)
+    length = ym.sum(1)
+    assert ((ym == (np.arange(4)[None] < length[:, None])).all() and (y[ym == 0] == PAD).all())
+    ends = y[np.arange(n), length - 1]
+    assert ((ends == EOS) | (length == 4)).all()  # each ends at its first EOS or at the limit
+    probs = np_softmax_rows(table.reference_params["logits"], table.suppressed_ids)
+    keep = [t for t in range(task.vocab_size) if t not in task.suppressed_ids]
+    counts = np.bincount(y[:, 0], minlength=task.vocab_size)[keep]
+    assert stats.chisquare(counts, probs[2, keep] * n).pvalue > 1e-6
+    optimal = (y == [3, 4, 5, EOS]).all(1).mean()
+    assert abs(optimal - 0.1) < 5 * np.sqrt(0.1 * 0.9 / n)
+
+
+@pytest.mark.slow
+def test_chain_transformer_reference_coverage_is_measured_near_the_target():
+    task = tasks.get_task("chain-transformer-1e-2")
+    ref = tasks.make_reference(task, jax.random.key(0))
+    out = task.exact_eval(task.make_model().apply, ref, ref, 0.1)
+    assert 0.005 < float(out["p_optimal"]) < 0.02  # fine-tuned to imitate pi_ref(y*) = 0.01

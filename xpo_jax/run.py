@@ -142,10 +142,10 @@ def _build_task_run(cfg: TrainConfig) -> Run:
     n = cfg.max_new_tokens or task.max_new_tokens
     if n > task.max_new_tokens:
         raise ValueError(f"--max-new-tokens={n} exceeds task {task.name!r}'s limit {task.max_new_tokens}")
-    model_config = dataclasses.replace(task.model_config, **cfg.model_overrides())
-    model = Transformer(model_config.validate())
+    model = task.make_model(**cfg.model_overrides())  # the decoder, or the task's own policy module
+    model_config = model.config
     ref_params = cast(make_reference(task, jax.random.PRNGKey(cfg.reference_seed)), cfg.ref_dtype or cfg.param_dtype)
-    if model_config.scan_layers:
+    if model_config.scan_layers and isinstance(model, Transformer):
         ref_params = stack_layer_params(ref_params, model_config.n_layers)
     oracle = reward_fn_oracle(
         task.reward_fn, eos_id=task.eos_id, bradley_terry=cfg.bradley_terry,

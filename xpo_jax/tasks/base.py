@@ -18,8 +18,10 @@ limit). That is sum_{k<N} (V-1)^k + (V-1)^N responses, each with probability
 
     pi(y|x) = prod_{t < |y|} pi(y_t | x, y_<t)      (|y| includes the EOS when there is one)
 
-and these sum to 1 for any model (the test checks it). "Non-EOS" includes the pad id: nothing
-stops a model (or the sampler) from emitting it, so it is enumerated like any other token.
+and these sum to 1 for any model (the test checks it). Suppressed ids (``Task.suppressed_ids``:
+the pad id and any the task adds) have probability exactly 0 under the model, so they are left
+out of the enumeration (V-1 above is then the number of tokens neither EOS nor suppressed); the
+rest still sum to 1. A task that suppresses EOS has only full-length responses.
 
 Cost. A causal LM's distribution of response token j depends only on the tokens before it, so
 one forward over each of the S = (V-1)^(N-1) full-length non-EOS strings gives every next-token
@@ -27,7 +29,10 @@ distribution any response needs; each of the M responses then gathers its log-pr
 string that shares its prefix. The default task (V = 7, N = 4, 8 prompts) evaluates 8 x 216
 sequences of 6 tokens per model instead of 8 x 1555 responses: ~0.05 s on 2 CPU cores.
 
-Everything on a Task is pure JAX; the reference policy is built by `xpo_jax.tasks.reference`.
+Everything on a Task is pure JAX; the reference policy is built by `xpo_jax.tasks.reference`
+(the explicit ``reference_params`` when the task has them, else a fine-tune on demonstrations).
+The policy architecture is ``task.make_model()``: ``model_class(model_config)``, a `Transformer`
+by default or a `TabularPolicy` (``xpo_jax.models.tabular``) for bandit-like tasks.
 
 Writing your own task takes a few lines::
 
@@ -37,7 +42,7 @@ Writing your own task takes a few lines::
     task = Task(name="echo-first", vocab_size=6, eos_id=1, pad_id=0,
                 prompts=np.array([[2], [3], [4]]), prompt_mask=np.ones((3, 1)),
                 max_new_tokens=3, reward_fn=reward)
-    metrics = task.exact_eval(Transformer(task.model_config).apply, params, ref_params, 0.1)
+    metrics = task.exact_eval(task.make_model().apply, params, ref_params, 0.1)
 
 The built-in tasks are in `xpo_jax.tasks.builtin`.
 """
@@ -52,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xpo_jax.models.transformer import ModelConfig, get_config
+from xpo_jax.models.transformer import ModelConfig, Transformer, get_config
 
 Array = jax.Array
 
@@ -79,24 +84,32 @@ def tiny_model_config(vocab_size: int, max_seq_len: int) -> ModelConfig:
 # Enumeration and exact log-probabilities
 
 
+def response_alphabet(vocab_size: int, eos_id: int, suppress_ids=()) -> np.ndarray:
+    """The tokens a response is made of besides EOS: neither EOS nor suppressed, ascending."""
+    banned = set(int(i) for i in suppress_ids) | {eos_id}
+    return np.array([t for t in range(vocab_size) if t not in banned], np.int32)
+
+
 def enumerate_responses(
-    vocab_size: int, eos_id: int, pad_id: int, max_new_tokens: int
+    vocab_size: int, eos_id: int, pad_id: int, max_new_tokens: int, suppress_ids=()
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every distinct response, as right-padded (tokens [M, N] int32, mask [M, N] int32).
 
-    Responses of k < N tokens are k non-EOS tokens, then EOS, then pad (the canonical tail);
-    responses of N tokens have no EOS. M = sum_{k<N} (V-1)^k + (V-1)^N.
+    With A = ``response_alphabet`` (neither EOS nor in ``suppress_ids``): responses of k < N
+    tokens are k tokens of A, then EOS, then pad (the canonical tail); responses of N tokens have
+    no EOS. M = sum_{k<N} |A|^k + |A|^N, or |A|^N when EOS itself is suppressed.
     """
     n = max_new_tokens
-    alphabet = np.array([t for t in range(vocab_size) if t != eos_id], np.int32)
-    count = sum(len(alphabet) ** k for k in range(n + 1))
+    alphabet = response_alphabet(vocab_size, eos_id, suppress_ids)
+    lengths = range(n + 1) if eos_id not in set(suppress_ids) else [n]
+    count = sum(len(alphabet) ** k for k in lengths)
     if count > MAX_ENUMERATED:
         raise ValueError(
             f"{count} responses (vocab_size={vocab_size}, max_new_tokens={n}) is too many to "
             f"enumerate (limit {MAX_ENUMERATED}); use a smaller vocabulary or shorter responses"
         )
     tokens, masks = [], []
-    for k in range(n + 1):
+    for k in lengths:
         strings = list(itertools.product(alphabet, repeat=k))
         body = np.array(strings, np.int32).reshape(len(strings), k)
         tok = np.full((body.shape[0], n), pad_id, np.int32)
@@ -112,12 +125,15 @@ def enumerate_responses(
     return np.concatenate(tokens), np.concatenate(masks)
 
 
-def prefix_index(tokens: np.ndarray, mask: np.ndarray, vocab_size: int, eos_id: int) -> np.ndarray:
-    """[M] for each enumerated response, the index (in ``itertools.product`` order) of the
-    length N-1 non-EOS string that starts with the response's first min(len, N-1) non-EOS tokens,
-    completed with the first alphabet token. One forward over that string scores the response:
-    the logits after its first j tokens are the distribution of the response's token j."""
-    alphabet = np.array([t for t in range(vocab_size) if t != eos_id], np.int32)
+def prefix_index(
+    tokens: np.ndarray, mask: np.ndarray, vocab_size: int, eos_id: int, suppress_ids=()
+) -> np.ndarray:
+    """[M] for each enumerated response, the index (in ``itertools.product`` order over
+    ``response_alphabet``) of the length N-1 string that starts with the response's first
+    min(len, N-1) non-EOS tokens, completed with the first alphabet token. One forward over that
+    string scores the response: the logits after its first j tokens are the distribution of the
+    response's token j."""
+    alphabet = response_alphabet(vocab_size, eos_id, suppress_ids)
     rank = np.zeros(vocab_size, np.int64)
     rank[alphabet] = np.arange(len(alphabet))
     n = tokens.shape[1]
@@ -142,11 +158,25 @@ class Task:
         training samples it uniformly and exact_eval averages over it uniformly.
       max_new_tokens: N, the response length limit.
       reward_fn: pure JAX ``(prompts, prompt_mask, responses, response_mask) -> [B] float32``.
-      model_config: policy/reference architecture; default ``tiny_model_config``.
+      model_config: policy/reference architecture; default ``tiny_model_config``. Its
+        ``suppress_ids`` is always replaced by the task's ``suppressed_ids``.
+      model_class: the policy module, built as ``model_class(model_config)`` by ``make_model``:
+        ``Transformer`` (default) or ``TabularPolicy``; any module with the same methods.
       demonstrations: optional pure JAX ``(key, batch_size) -> (prompts, prompt_mask, responses,
-        response_mask)`` on which ``make_reference`` fine-tunes; without it the reference is the
-        randomly initialised model.
+        response_mask)`` on which ``make_reference`` fine-tunes; without it (and without
+        ``reference_params``) the reference is the randomly initialised model.
+      reference_params: optional explicit reference parameters (the "params" collection of
+        ``make_model()``, e.g. ``{"logits": table}`` for a tabular policy). ``make_reference``
+        returns them instead of fine-tuning. Checked against the model's parameter shapes here.
       reference_steps, reference_batch_size, reference_learning_rate: the fine-tune (Adam).
+      reference_cache_key: optional string that replaces the content hash of the task in the
+        key of the on-disk reference cache (``xpo_jax.tasks.reference``); the PRNG key is still
+        part of the key.
+      suppress_ids: token ids the policy never generates, besides padding (e.g. prompt-only
+        tokens). ``suppressed_ids`` = these plus ``pad_id`` (unless pad_id == eos_id); they go
+        into ``model_config.suppress_ids``, so sampling, training log-probs and exact evaluation
+        see one distribution, and exact evaluation leaves them out of its enumeration.
+        Demonstrations must not contain them (their log-likelihood is ~ -1e9).
       description: one line for the CLI.
 
     Equality and hashing are by identity (eq=False), so a Task can be a static argument of
@@ -162,10 +192,14 @@ class Task:
     max_new_tokens: int
     reward_fn: RewardFn
     model_config: Optional[ModelConfig] = None
+    model_class: Callable[[ModelConfig], Any] = Transformer
     demonstrations: Optional[DemoFn] = None
+    reference_params: Optional[Any] = None
     reference_steps: int = 300
     reference_batch_size: int = 64
     reference_learning_rate: float = 3e-3
+    reference_cache_key: Optional[str] = None
+    suppress_ids: tuple = ()
     description: str = ""
 
     def __post_init__(self):
@@ -223,9 +257,22 @@ class Task:
             )
         if self.reference_steps < 0 or self.reference_batch_size < 1:
             raise ValueError(f"{where}: reference_steps must be >= 0, reference_batch_size >= 1")
+        if self.reference_cache_key is not None and not isinstance(self.reference_cache_key, str):
+            raise ValueError(f"{where}: reference_cache_key must be a string or None")
+        if not callable(self.model_class):
+            raise ValueError(f"{where}: model_class must be callable; got {self.model_class!r}")
+        suppress = tuple(self.suppress_ids)
+        for i in suppress:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.vocab_size:
+                raise ValueError(f"{where}: suppress_ids: {i!r} is not a token id in [0, {self.vocab_size})")
+        set_("suppress_ids", tuple(int(i) for i in suppress))
+        if not len(response_alphabet(self.vocab_size, self.eos_id, self.suppressed_ids)):
+            raise ValueError(f"{where}: suppress_ids leave no response token besides EOS")
         set_("prompts", prompts.astype(np.int32))
         set_("prompt_mask", real.astype(np.int32))
-        set_("model_config", config)
+        set_("model_config", dataclasses.replace(config, suppress_ids=self.suppressed_ids).validate())
+        if self.reference_params is not None:
+            set_("reference_params", self._checked_params(self.reference_params, where))
 
     # -- shapes ---------------------------------------------------------------------------
 
@@ -237,19 +284,77 @@ class Task:
     def prompt_len(self) -> int:
         return self.prompts.shape[1]
 
+    @property
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """Token ids the policy never generates: ``suppress_ids`` plus ``pad_id`` (padding is
+        never a token of a response; unless pad_id == eos_id, which must stay generable)."""
+        ids = set(self.suppress_ids) | ({self.pad_id} if self.pad_id != self.eos_id else set())
+        return tuple(sorted(ids))
+
     @functools.cached_property
     def responses(self) -> tuple[np.ndarray, np.ndarray]:
         """Every distinct response (tokens [M, N], mask [M, N]); see ``enumerate_responses``."""
-        return enumerate_responses(self.vocab_size, self.eos_id, self.pad_id, self.max_new_tokens)
+        return enumerate_responses(self.vocab_size, self.eos_id, self.pad_id, self.max_new_tokens,
+                                   self.suppressed_ids)
 
     @functools.cached_property
     def _prefixes(self) -> tuple[np.ndarray, np.ndarray]:
-        """(strings [S, N-1]: every non-EOS string of length N-1, index [M] into it)."""
+        """(strings [S, N-1]: every string of length N-1 over the response alphabet, index [M]
+        into it)."""
         n = self.max_new_tokens
-        strings, _ = enumerate_responses(self.vocab_size, self.eos_id, self.pad_id, n - 1)
-        strings = strings[-((self.vocab_size - 1) ** (n - 1)):]  # those of full length, no EOS
+        ids = self.suppressed_ids
+        alphabet = response_alphabet(self.vocab_size, self.eos_id, ids)
+        strings = np.array(list(itertools.product(alphabet, repeat=n - 1)), np.int32)
+        strings = strings.reshape(len(alphabet) ** (n - 1), n - 1)
         tokens, mask = self.responses
-        return strings, prefix_index(tokens, mask, self.vocab_size, self.eos_id)
+        return strings, prefix_index(tokens, mask, self.vocab_size, self.eos_id, ids)
+
+    # -- the policy model -----------------------------------------------------------------
+
+    def make_model(self, **overrides):
+        """The policy (and reference) module: ``model_class(model_config)``, one object per task
+        so jit caches keyed on its ``apply`` are shared by every caller. ``overrides`` replace
+        ModelConfig fields that do not change the function (a run's dtype, remat, scan_layers)
+        and give a new module; a policy that has no use for one (a table) ignores it."""
+        if overrides:
+            return self.model_class(dataclasses.replace(self.model_config, **overrides).validate())
+        return self._model
+
+    @functools.cached_property
+    def _model(self):
+        return self.model_class(self.model_config)
+
+    def init_params(self, key: Array) -> Any:
+        """Random parameters of ``make_model()`` (the "params" collection)."""
+        dummy = jnp.zeros((1, 1), jnp.int32)
+        return self.make_model().init(key, dummy, jnp.ones((1, 1), bool))["params"]
+
+    def param_shapes(self) -> Any:
+        """The model's parameters as ``jax.ShapeDtypeStruct`` leaves (nothing computed)."""
+        return jax.eval_shape(self.init_params, jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+    def _checked_params(self, params: Any, where: str) -> Any:
+        """``params`` as host arrays of the model's dtypes, after checking that its tree and
+        shapes are the model's; ValueError naming the first mismatch."""
+        want = {jax.tree_util.keystr(k): v for k, v in
+                jax.tree_util.tree_flatten_with_path(self.param_shapes())[0]}
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        got = {jax.tree_util.keystr(k): v for k, v in leaves}
+        model = getattr(self.model_class, "__name__", str(self.model_class))
+        for name in sorted(set(want) - set(got)):
+            raise ValueError(f"{where}: reference_params lacks {name} {tuple(want[name].shape)} of "
+                             f"the {model} model")
+        for name in sorted(set(got) - set(want)):
+            raise ValueError(f"{where}: reference_params has {name}, which the {model} model lacks")
+        out = []
+        for path, value in leaves:
+            name = jax.tree_util.keystr(path)
+            value = np.asarray(value)
+            if value.shape != want[name].shape:
+                raise ValueError(f"{where}: reference_params{name} has shape {value.shape}; the "
+                                 f"{model} model expects {tuple(want[name].shape)}")
+            out.append(value.astype(want[name].dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     # -- training-time pieces -------------------------------------------------------------
 

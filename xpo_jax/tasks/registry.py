@@ -1,8 +1,16 @@
-"""The task registry: built-in tasks by name, and user tasks as "module:attribute"."""
+"""The task registry: built-in tasks by name, and user tasks as "module:attribute".
+
+Built in: "hard-explore", "copy" (`builtin`), and the coverage families (`coverage`) at
+pi_ref(optimal) = 1e-1, 1e-2, 1e-3, 1e-4: "bandit-1e-3", "chain-1e-3", "chain-transformer-1e-3",
+and so on.
+"""
 from __future__ import annotations
 
 from xpo_jax.tasks.base import Task
 from xpo_jax.tasks.builtin import make_copy_task, make_hard_explore_task
+from xpo_jax.tasks.coverage import (
+    PRESET_COVERAGES, make_bandit_task, make_chain_task, make_chain_transformer_task,
+)
 
 DEFAULT_TASK = "hard-explore"
 TASKS: dict[str, Task] = {}
@@ -49,3 +57,7 @@ def get_task(name: str = DEFAULT_TASK) -> Task:
 
 register_task(make_hard_explore_task())
 register_task(make_copy_task())
+for _coverage in PRESET_COVERAGES:
+    register_task(make_bandit_task(coverage=_coverage))
+    register_task(make_chain_task(coverage=_coverage))
+    register_task(make_chain_transformer_task(coverage=_coverage))
