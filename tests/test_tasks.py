@@ -743,7 +743,8 @@ def test_bandit_rewards_and_reference_by_hand():
 
 
 def test_chain_rewards_and_reference_by_hand():
-    task = tasks.make_chain_task(coverage=0.02, length=2, num_distractors=3, stop_mass=0.4, name="chain-test")
+    task = tasks.make_chain_task(coverage=0.02, length=2, num_distractors=3, stop_mass=0.4, reward_scale=1.0,
+                                  name="chain-test")
     # pad 0, EOS 1, prompt 2, chain 3 4, distractors 5 6 7; responses up to 3 tokens
     assert task.vocab_size == 8 and task.max_new_tokens == 3 and task.suppressed_ids == (0, 2)
     cases = [([3, 4, EOS], [1, 1, 1], 1.0), ([3, 4, 4], [1, 1, 1], 2 / 3), ([3, EOS, PAD], [1, 1, 0], 1 / 3),
