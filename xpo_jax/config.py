@@ -40,8 +40,14 @@ class TrainConfig:
     max_prompt_length: int = 256  # prompts are left-padded/truncated to this many tokens
     truncation: str = "left"  # over-long prompts: "left" (keep the end) or "drop"
     fuse_judge: Optional[bool] = None  # judge inside the round (None: when the vocabularies match)
+    eval_prompts: Optional[str] = None  # held-out JSONL/Parquet prompt file(s) for eval/* of an HF run (comma-separated)
+    eval_fraction: float = 0.0  # hold out the last ceil(f * n) rows of --prompts for eval/* (training never reads them)
+    eval_temperature: float = 0.7  # sampling temperature of the held-out evaluation (0 = greedy; no top-k/top-p)
+    eval_batch_size: Optional[int] = None  # held-out prompts per batch of the evaluation program (None: --batch-size)
+    eval_samples: int = 4  # the first this many held-out prompts: responses written to samples.jsonl each evaluation
+    eval_reward_model: Optional[str] = None  # a second reward model that scores eval/* (training keeps --reward-model)
     # -- algorithm ------------------------------------------------------------------------
-    alpha: float = 0.005  # XPO exploration coefficient (0 = online DPO)
+    alpha: float = 0.005  # XPO exploration coefficient (0 = no bonus; online DPO is --alpha 0 --exploration-mix 0)
     alpha_end: Optional[float] = None  # linear schedule to this value at the last round
     beta: float = 0.1  # KL strength of the DPO loss
     beta_end: Optional[float] = None  # linear schedule to this value at the last round
@@ -82,7 +88,7 @@ class TrainConfig:
     remat: str = "none"  # rematerialise decoder blocks in the training backward: none, block, matmuls
     scan_layers: bool = False  # nn.scan over the decoder layers (one compiled layer: faster compiles)
     # -- logging / checkpoints ------------------------------------------------------------
-    eval_every: int = 10  # exact J_beta on synthetic tasks every this many rounds (0 = off)
+    eval_every: int = 10  # eval/* every this many rounds: exact J_beta on tasks, held-out eval on HF runs (0 = off)
     checkpoint_every: int = 50  # save every this many rounds (0 = only at the end)
     keep_checkpoints: int = 2  # checkpoints kept on disk
     resume: bool = False  # continue from <run_dir>/<name>/checkpoints
@@ -174,6 +180,22 @@ class TrainConfig:
             bad("overwrite", "contradicts --resume (continue the run, or delete it and start afresh: pick one)")
         if self.replay_capacity and self.replay_capacity < self.batch_size:
             bad("replay_capacity", f"must be 0 or >= --batch-size={self.batch_size} (a round inserts a batch)")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            bad("eval_fraction", "must be in [0, 1) (the fraction of --prompts held out for evaluation)")
+        if self.eval_fraction and self.eval_prompts is not None:
+            bad("eval_fraction", "contradicts --eval-prompts (hold out part of --prompts, or give a held-out file: pick one)")
+        if not (self.eval_temperature >= 0 and math.isfinite(self.eval_temperature)):
+            bad("eval_temperature", "must be finite and >= 0 (0 = greedy)")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            bad("eval_batch_size", "must be >= 1 (or unset: --batch-size)")
+        if self.eval_batch_size is not None and self.data is not None and self.eval_batch_size % (self.data * self.fsdp):
+            bad("eval_batch_size", f"must be divisible by --data x --fsdp = {self.data * self.fsdp} (rows are split over the mesh)")
+        if self.eval_samples < 0:
+            bad("eval_samples", "must be >= 0")
+        if self.eval_reward_model is not None and self.eval_prompts is None and not self.eval_fraction:
+            bad("eval_reward_model", "needs a held-out set to score: --eval-prompts or --eval-fraction")
+        if self.policy is None and (self.eval_prompts is not None or self.eval_fraction or self.eval_reward_model is not None):
+            bad("policy", "is required with --eval-prompts / --eval-fraction / --eval-reward-model (tasks evaluate exactly)")
         if self.policy is not None:
             for f in ("reward_model", "prompts"):
                 if getattr(self, f) is None:
@@ -216,7 +238,7 @@ RESUME_MAY_DIFFER = frozenset(
     {"rounds", "resume", "overwrite", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every",
      # where the run lives and how it is laid out on devices: a renamed or copied run dir, and a
      # resume onto another mesh shape, continue the same run
-     "name", "run_dir", "data", "fsdp"}
+     "name", "run_dir", "data", "fsdp", "eval_samples"}
 )
 
 

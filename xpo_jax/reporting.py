@@ -66,13 +66,19 @@ def write_summary(out_dir: str, summary: dict, extra_markdown: str = "") -> str:
 
 
 def plot_run_curves(rows: list[dict], path: str, title: str = "") -> None:
-    """Learning curves: exact J_beta / reward / KL (eval rows) and the sampled reward per round."""
+    """Learning curves. A task: exact J_beta / reward / KL (eval rows), the sampled reward per
+    round, P(optimal). An HF run with a held-out evaluation: win rate against the reference,
+    reward-model scores (policy vs reference) and KL per evaluated round, the per-round training
+    scores and KL estimate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    held = [r for r in rows if "eval/win_rate" in r]
+    names = ("held-out win rate vs reference", "held-out reward-model score", "KL(pi || pi_ref)", "per round") \
+        if held else ("exact objective", "per round", "exploration")
+    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.6))
     ev = [r for r in rows if "eval/j_beta" in r]
     tr = [r for r in rows if "loss" in r]
     if ev:
@@ -83,12 +89,25 @@ def plot_run_curves(rows: list[dict], path: str, title: str = "") -> None:
         axes[0].plot(x, [r["eval/j_star"] for r in ev], color="k", lw=0.8, ls="--", label="optimal J_beta")
         axes[2].plot(x, [r["eval/p_optimal"] for r in ev], "o-", label="P(optimal response)")
         axes[2].set_yscale("log")
+    if held:
+        x = [r["round"] for r in held]
+        axes[0].plot(x, [r["eval/win_rate"] for r in held], "o-", label="win rate (ties 1/2)")
+        axes[0].plot(x, [r["eval/bt_win_prob"] for r in held], "s--", label="Bradley-Terry P(win)")
+        axes[0].axhline(0.5, color="grey", lw=0.8, ls=":", label="reference (0.5)")
+        axes[0].set_ylim(-0.02, 1.02)
+        axes[1].plot(x, [r["eval/score"] for r in held], "o-", label="policy")
+        axes[1].plot(x, [r["eval/ref_score"] for r in held], color="grey", ls=":", label="reference")
+        axes[2].plot(x, [r["eval/kl"] for r in held], "o-", label="held-out log pi/pi_ref")
+    per_round = axes[3] if held else axes[1]
     if tr:
         x = [r["round"] for r in tr]
         if "task/reward" in tr[0]:
-            axes[1].plot(x, [r["task/reward"] for r in tr], lw=0.8, label="reward of policy samples")
-        axes[1].plot(x, [r["objective/kl"] for r in tr], lw=0.8, label="KL estimate")
-    for ax, t in zip(axes, ("exact objective", "per round", "exploration")):
+            per_round.plot(x, [r["task/reward"] for r in tr], lw=0.8, label="reward of policy samples")
+        elif held:
+            per_round.plot(x, [r["objective/model_scores"] for r in tr], lw=0.8, label="score of y (policy)")
+            per_round.plot(x, [r["objective/ref_scores"] for r in tr], lw=0.8, label="score of y~ (exploration)")
+        (axes[2] if held else per_round).plot(x, [r["objective/kl"] for r in tr], lw=0.8, label="KL estimate (training)")
+    for ax, t in zip(axes, names):
         ax.set_title(t)
         ax.set_xlabel("round")
         if ax.get_legend_handles_labels()[0]:

@@ -15,6 +15,9 @@ scores garbage, TRL issue #6955), so the round runs in its two jitted halves wit
 between them: responses are decoded with the policy's tokenizer and the (prompt, response)
 conversation is re-encoded with the reward model's own tokenizer and chat template.
 
+Held-out evaluation (--eval-prompts, or --eval-fraction of --prompts that training then never
+reads; optionally judged by a second reward model, --eval-reward-model): `xpo_jax.hf.eval`.
+
 `build_hf_pieces` returns these pieces; `xpo_jax.run.build_run` assembles them into a Run.
 """
 from __future__ import annotations
@@ -160,6 +163,9 @@ def check_hf_inputs(cfg: TrainConfig) -> None:
 
         if not glob.glob(p):
             raise ValueError(f"--prompts: no file matches {p!r}")
+    from xpo_jax.hf.eval import check_eval_inputs
+
+    check_eval_inputs(cfg)
 
 
 def _load(flag: str, path: str, want_kind: str, sharding_fn: Optional[Callable], dtype: str, overrides: dict):
@@ -176,6 +182,7 @@ def _load(flag: str, path: str, want_kind: str, sharding_fn: Optional[Callable],
 
 def build_hf_pieces(cfg: TrainConfig, mesh: Any = None) -> HFPieces:
     from xpo_jax.hf.data import PromptIterator, _hash_files, _resolve_paths, build_prompt_dataset
+    from xpo_jax.hf.eval import EvalJudge, HeldOutEval, check_eval_batch, eval_rm_tokenizer, split_prompts
 
     check_hf_inputs(cfg)
     sharding_fn = None
@@ -183,6 +190,17 @@ def build_hf_pieces(cfg: TrainConfig, mesh: Any = None) -> HFPieces:
         sharding_fn = param_sharding_fn(mesh)
     tok = TextTokenizer.from_dir(cfg.policy)
     rm_tok = TextTokenizer.from_dir(cfg.reward_model)
+    # The prompts before the weights: a held-out set that is empty, or that leaves no training
+    # batch, fails here (each error names its flag), before anything is loaded or compiled.
+    paths = _resolve_paths([p for p in cfg.prompts.split(",") if p])
+    data_dir = os.path.join(cfg.run_dir, cfg.name, "data")
+    if jax.process_index() == 0:  # prepare once (shared storage), then every process opens it
+        build_prompt_dataset(paths, data_dir)
+    barrier("xpo_jax:prompt-dataset")
+    source, held_out = split_prompts(cfg, build_prompt_dataset(paths, data_dir), tok)
+    if held_out is not None and mesh is not None:
+        check_eval_batch(cfg, mesh)
+    eval_rm_tok = eval_rm_tokenizer(cfg, tok) if cfg.eval_reward_model else None
     # The policy checkpoint is the reference: stored in --ref-dtype; the policy's master copy is
     # made from it in --param-dtype when the state is initialised.
     pol_cfg, params = _load("policy", cfg.policy, "causal_lm", sharding_fn, cfg.ref_dtype or cfg.param_dtype,
@@ -212,12 +230,25 @@ def build_hf_pieces(cfg: TrainConfig, mesh: Any = None) -> HFPieces:
                                      missing_eos_penalty=cfg.missing_eos_penalty, mask_identical=cfg.mask_identical)
     else:
         judge = HostJudge(tok, rm_tok, rm.apply, rm_params, width=cfg.max_prompt_length + 4 * n)
-    paths = _resolve_paths([p for p in cfg.prompts.split(",") if p])
-    data_dir = os.path.join(cfg.run_dir, cfg.name, "data")
-    if jax.process_index() == 0:  # prepare once (shared storage), then every process opens it
-        build_prompt_dataset(paths, data_dir)
-    barrier("xpo_jax:prompt-dataset")
-    source = build_prompt_dataset(paths, data_dir)
-    iterator = PromptIterator(source, cfg.batch_size, seed=cfg.seed)
+    iterator = PromptIterator(source, cfg.batch_size, seed=cfg.seed)  # without the held-out rows
     prompts = FilePrompts(iterator, tok, cfg, fingerprint=_hash_files(paths))
-    return HFPieces(model.apply, params, tok, n, oracle, judge, prompts)
+    evaluator = None
+    if held_out is not None:
+        # The evaluation's judge: --eval-reward-model, else the training reward model; inside
+        # the program when it reads the policy's ids, else through re-encoded text (HostJudge).
+        ev_judge = EvalJudge(rm.apply, rm_params, cfg.reward_model, None if fused else judge)
+        if cfg.eval_reward_model:
+            ev_cfg, ev_params = _load("eval-reward-model", cfg.eval_reward_model, "reward_model", sharding_fn,
+                                      cfg.reward_dtype or cfg.param_dtype,
+                                      {"dtype": cfg.compute_dtype, "scan_layers": cfg.scan_layers})
+            if eval_rm_tok is not None and eval_rm_tok.vocab_size > ev_cfg.vocab_size:
+                raise ValueError(f"--eval-reward-model={cfg.eval_reward_model!r}: the tokenizer has "
+                                 f"{eval_rm_tok.vocab_size} tokens but the model only {ev_cfg.vocab_size} embeddings")
+            ev_rm = RewardModel(ev_cfg)
+            same = ev_cfg.vocab_size == pol_cfg.vocab_size and (eval_rm_tok is None or same_vocabulary(tok, eval_rm_tok))
+            ev_host = None if same else HostJudge(tok, eval_rm_tok, ev_rm.apply, ev_params,
+                                                  width=cfg.max_prompt_length + 4 * n)
+            ev_judge = EvalJudge(ev_rm.apply, ev_params, cfg.eval_reward_model, ev_host)
+        evaluator = HeldOutEval(cfg, apply_fn=model.apply, tokenizer=tok, held_out=held_out, judge=ev_judge,
+                                max_new_tokens=n)
+    return HFPieces(model.apply, params, tok, n, oracle, judge, prompts, evaluator)
