@@ -162,9 +162,14 @@ def hf_worker(spec_path):
 
 def hf_state_dict(params):
     """Our params -> HF Qwen2/Llama state dict (numpy), by the map in transformer.py's docstring."""
+    import jax
     import numpy as np
     from flax.traverse_util import flatten_dict
 
+    from xpo_jax.models import unstack_layer_params
+
+    if "layers" in params.get("model", {}):  # the scan_layers layout: HF wants per-layer tensors
+        params = unstack_layer_params(params, jax.tree.leaves(params["model"]["layers"])[0].shape[0])
     out = {}
     for path, leaf in flatten_dict(params).items():
         parts = []

@@ -7,6 +7,7 @@ All comparisons are float32 with max abs difference < 1e-4.
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,13 +17,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from xpo_jax.models import (ModelConfig, RewardModel, Transformer, get_config, init_params,
-                            init_reward_params)
+                            init_reward_params, stack_layer_params, unstack_layer_params)
+from xpo_jax.models import hf as hf_module
 from xpo_jax.models.hf import _raw_tensor, config_from_hf, load_hf, save_hf
 from xpo_jax.models.transformer import Llama3RopeScaling
+from xpo_jax.parallel import fsdp_spec, make_mesh
 
 ATOL = 1e-4
 PAD = 0
@@ -369,6 +373,149 @@ def test_sharded_save_and_load_without_torch(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Loading straight into shardings; saving sharded params; scan_layers
+# --------------------------------------------------------------------------------------------
+
+
+def _fsdp_rule(mesh):
+    """load_hf's `shardings`: xpo_jax.parallel's FSDP rule, except that a stacked (scan_layers)
+    parameter keeps its leading layer axis whole and is split as one of its layers would be."""
+    f = mesh.shape["fsdp"]
+
+    def rule(path, shape):
+        if "layers" in path:  # model/layers/... (stacked); the unrolled ones are layers_{i}
+            return NamedSharding(mesh, P(None, *fsdp_spec(shape[1:], f)))
+        return NamedSharding(mesh, fsdp_spec(shape, f))
+
+    return rule
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A Qwen2-style checkpoint (q/k/v bias, untied head, vocab 97) written by save_hf."""
+    path = tmp_path_factory.mktemp("ckpt")
+    config = _random_config()
+    save_hf(path, config, _noisy_norms(init_params(config, jax.random.key(5)), jax.random.key(6)))
+    return path
+
+
+@pytest.mark.parametrize("data,fsdp,scan", [(4, 2, False), (1, 8, True)])
+def test_sharded_load_matches_unsharded(checkpoint, data, fsdp, scan):
+    mesh = make_mesh(data, fsdp)
+    overrides = {"scan_layers": scan}
+    config, whole, _ = load_hf(checkpoint, overrides=overrides)
+    config2, sharded, _ = load_hf(checkpoint, shardings=_fsdp_rule(mesh), overrides=overrides)
+    assert config2 == config and config.scan_layers == scan
+    flat, flat_sharded = traverse_util.flatten_dict(whole), traverse_util.flatten_dict(sharded)
+    assert flat.keys() == flat_sharded.keys()
+    for k, x in flat.items():
+        np.testing.assert_array_equal(np.asarray(flat_sharded[k]), x, err_msg=str(k))
+        assert flat_sharded[k].sharding == _fsdp_rule(mesh)(k, x.shape)
+
+    # Memory: each device holds 1/fsdp of the split weights (of every byte, counted shard by shard).
+    split = [x for x in flat_sharded.values() if not x.sharding.is_fully_replicated]
+    total = sum(x.nbytes for x in split)
+    assert total > 0.8 * sum(x.nbytes for x in flat_sharded.values())  # the large weights are split
+    for device in mesh.devices.flat:
+        resident = sum(s.data.nbytes for x in split for s in x.addressable_shards if s.device == device)
+        assert abs(resident - total / fsdp) <= 0.1 * total / fsdp, (device, resident, total)
+
+    tokens, mask = _batch(config.vocab_size, seed=7)
+    tokens, mask = np.tile(tokens, (8, 1))[:8], np.tile(mask, (8, 1))[:8]  # 8 rows: one per device
+    forward = jax.jit(Transformer(config).apply)
+    with jax.set_mesh(mesh):
+        got = np.asarray(forward({"params": sharded}, tokens, mask))
+    _assert_close_on_mask(got, np.asarray(forward({"params": whole}, tokens, mask)), mask)
+
+
+def test_sharded_load_reads_slices_only(checkpoint, monkeypatch):
+    """Every read of a split weight returns 1/fsdp of it: the callback slices the file; the
+    stacked (scan_layers) tensors are assembled from slices of the per-layer tensors; and the
+    bfloat16 conversion happens slice by slice."""
+    reads = []
+    real = hf_module._read_slice
+
+    def spy(f, file, name, index):
+        x = real(f, file, name, index)
+        reads.append((name, x.size, f.get_slice(name).get_shape()))
+        return x
+
+    monkeypatch.setattr(hf_module, "_read_slice", spy)
+    mesh = make_mesh(1, 8)
+    _, params, _ = load_hf(checkpoint, dtype="bfloat16", shardings=_fsdp_rule(mesh),
+                           overrides={"scan_layers": True})
+    up = [(size, math.prod(shape)) for name, size, shape in reads if name == "model.layers.1.mlp.up_proj.weight"]
+    assert len(up) == 8 and all(size == full // 8 for size, full in up)  # one slice per device
+    for name, size, shape in reads:
+        if math.prod(shape) >= 1024:  # fsdp_spec splits these (vocab 97 splits on d_model)
+            assert size == math.prod(shape) // 8, name
+    monkeypatch.undo()
+    kernel = params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.dtype == jnp.bfloat16 and kernel.sharding.spec == P(None, None, "fsdp")
+    _, whole, _ = load_hf(checkpoint)
+    np.testing.assert_array_equal(np.asarray(kernel)[1], np.asarray(whole["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]).astype(ml_dtypes.bfloat16))
+
+
+def test_save_sharded_params_writes_the_same_files(checkpoint, tmp_path, monkeypatch):
+    """save_hf of a sharded tree gathers one tensor at a time: the files are byte-identical to
+    those of the unsharded tree. A process other than 0 gathers but writes nothing."""
+    mesh = make_mesh(4, 2)
+    config, sharded, _ = load_hf(checkpoint, shardings=_fsdp_rule(mesh))
+    _, whole, _ = load_hf(checkpoint)
+    save_hf(tmp_path / "whole", config, whole, shard_size=20_000)
+    save_hf(tmp_path / "sharded", config, sharded, shard_size=20_000)
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert len(files) > 3 and files == sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    for name in files:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "sharded" / name).read_bytes(), name
+    # Our streamed files read back exactly (also by safetensors' own reader, through load_hf).
+    _, again, _ = load_hf(tmp_path / "sharded")
+    for k, x in _flat(whole).items():
+        np.testing.assert_array_equal(_flat(again)[k], x)
+    gathered = []
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(hf_module, "_host_value", lambda x: gathered.append(x.shape) or np.asarray(x))
+    save_hf(tmp_path / "not_lead", config, sharded)
+    assert not (tmp_path / "not_lead").exists() and len(gathered) == len(hf_module._param_map(config, "causal_lm"))
+
+
+def test_scan_layers_hf_round_trip(hf, tmp_path):
+    """A scan_layers model exports HF's per-layer tensors (transformers loads them and agrees)
+    and loads back stacked, or unrolled, exactly."""
+    _, transformers = hf
+    config = _random_config(scan_layers=True)
+    params = _noisy_norms(init_params(config, jax.random.key(8)), jax.random.key(9))
+    assert params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (2, 32, 32)
+    save_hf(tmp_path, config, params, shard_size=20_000)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    tokens, mask = _batch(config.vocab_size, seed=8)
+    _assert_close_on_mask(_our_logits(config, params, tokens, mask), _hf_out(hf, model, tokens, mask), mask)
+
+    config2, params2, _ = load_hf(tmp_path, overrides={"scan_layers": True})
+    assert config2 == config
+    for k, x in _flat(params).items():
+        np.testing.assert_array_equal(_flat(params2)[k], x)
+    config3, unrolled, _ = load_hf(tmp_path)
+    assert not config3.scan_layers
+    want = _flat(unstack_layer_params(params, config.n_layers))
+    assert want.keys() == _flat(unrolled).keys()
+    for k, x in want.items():
+        np.testing.assert_array_equal(_flat(unrolled)[k], x)
+    assert _flat(stack_layer_params(unrolled, 2)).keys() == _flat(params).keys()
+
+
+def test_load_hf_overrides(checkpoint):
+    config, _, _ = load_hf(checkpoint, overrides={"dtype": "bfloat16", "remat": "block", "suppress_ids": [0]})
+    assert (config.dtype, config.param_dtype, config.remat, config.suppress_ids) == ("bfloat16", "float32", "block", (0,))
+    with pytest.raises(ValueError, match="param_dtype"):
+        load_hf(checkpoint, overrides={"param_dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="nope"):
+        load_hf(checkpoint, overrides={"nope": 1})
+    with pytest.raises(ValueError, match="remat"):
+        load_hf(checkpoint, overrides={"remat": "sometimes"})
+
+
+# --------------------------------------------------------------------------------------------
 # config_from_hf on hand-written config.json dicts (both transformers dialects)
 # --------------------------------------------------------------------------------------------
 
@@ -450,7 +597,7 @@ def test_config_unknown_architecture_and_missing_key():
 
 
 def test_make_tiny_hf(tmp_path):
-    from xpo_jax.tokenizer import TextTokenizer
+    from xpo_jax.hf.tokenizer import TextTokenizer
 
     spec = importlib.util.spec_from_file_location("make_tiny_hf", REPO / "experiments/make_tiny_hf.py")
     script = importlib.util.module_from_spec(spec)

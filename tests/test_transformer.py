@@ -1,5 +1,6 @@
 """Tests for xpo_jax.models.transformer: config, parameter names, cached decode == full forward,
-padding invariance, reward model, RoPE scaling. Tiny f32 models on CPU."""
+padding invariance, reward model, RoPE scaling, remat, scan_layers, precision, suppressed tokens,
+length limits. Tiny f32 models on CPU."""
 import dataclasses
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from xpo_jax.models import (
     PRESETS,
+    SUPPRESSED_LOGIT,
     Decoder,
     KVCache,
     RewardModel,
@@ -18,6 +20,8 @@ from xpo_jax.models import (
     init_reward_params,
     last_token_index,
     positions_from_mask,
+    stack_layer_params,
+    unstack_layer_params,
 )
 from xpo_jax.models.transformer import rope_inv_freq
 
@@ -26,6 +30,8 @@ ATOL = 1e-5
 CONFIGS = {
     "qwen2-like": get_config("test", init_std=0.3),  # q/k/v bias, untied head
     "llama-like": get_config("test", init_std=0.3, qkv_bias=False, tie_embeddings=True, n_kv_heads=1),
+    # nn.scan over the layers (stacked params and KV cache) with rematerialised blocks.
+    "qwen2-like-scan": get_config("test", init_std=0.3, scan_layers=True, remat="block"),
 }
 
 
@@ -104,10 +110,20 @@ def test_published_parameter_counts(name, n_params):
 @pytest.mark.parametrize("field,value", [
     ("vocab_size", 0), ("d_model", -1), ("n_layers", 1.5), ("head_dim", 7), ("n_kv_heads", 3),
     ("rope_theta", 0.0), ("rms_eps", -1e-6), ("dtype", "int32"), ("param_dtype", "notadtype"),
-    ("qkv_bias", 1), ("max_seq_len", 0), ("init_std", -0.1)])
+    ("qkv_bias", 1), ("max_seq_len", 0), ("init_std", -0.1), ("remat", "full"), ("scan_layers", 1),
+    ("suppress_ids", (3, 64)), ("suppress_ids", (-1,)), ("suppress_ids", "3"),
+    ("suppress_ids", tuple(range(64)))])
 def test_validate_names_bad_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as e:
         dataclasses.replace(PRESETS["test"], **{field: value}).validate()
+    if field in ("remat", "suppress_ids") and value != tuple(range(64)):
+        shown = {"suppress_ids": {(3, 64): "64", (-1,): "-1"}}.get(field, {}).get(value, repr(value))
+        assert shown in str(e.value)  # the message names the bad value
+
+
+def test_suppress_ids_list_becomes_tuple():
+    c = get_config("test", suppress_ids=[5, 3])
+    assert c.suppress_ids == (5, 3) and hash(c) == hash(get_config("test", suppress_ids=(5, 3)))
 
 
 def test_get_config_errors():
@@ -313,3 +329,206 @@ def test_rope_is_relative():
     dot = lambda i, j: float(jnp.sum(rot(q, i) * rot(k, j)))  # noqa: E731
     assert dot(3, 1) == pytest.approx(dot(12, 10), abs=1e-5)
     assert dot(3, 1) != pytest.approx(dot(3, 2), abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# Memory and compile-time options: remat, scan_layers
+# ------------------------------------------------------------------------------------------
+
+
+def _seq_logprob_loss(config):
+    """Mean next-token log-prob over real positions: a sequence log-prob loss as the round's."""
+
+    def loss(params, tokens, mask):
+        logp = jax.nn.log_softmax(Transformer(config).apply({"params": params}, tokens, mask))
+        lp = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+        w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+        return jnp.sum(lp * w) / jnp.sum(w)
+
+    return loss
+
+
+_GRAD = jax.jit(lambda config, p, t, m: jax.grad(_seq_logprob_loss(config))(p, t, m), static_argnums=0)
+
+
+def _max_abs_diff(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("remat", ["block", "matmuls"])
+def test_remat_gradients_equal_plain_gradients(remat, scan):
+    """Rematerialisation recomputes the same float32 operations: gradients agree to 1e-6
+    (measured ~3e-7; the gradients themselves are O(0.5))."""
+    base = get_config("test", init_std=0.3, scan_layers=scan)
+    params = _get_model("qwen2-like").params
+    if scan:
+        params = stack_layer_params(params, base.n_layers)
+    tokens, mask = _batch(np.random.default_rng(10), 3, 9, 64, [0, 3, 1])
+    plain = _GRAD(base, params, tokens, mask)  # compiled once per `scan`, then cached by jit
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(plain)) > 0.1
+    got = _GRAD(dataclasses.replace(base, remat=remat), params, tokens, mask)
+    assert _max_abs_diff(got, plain) < 1e-6
+
+
+def test_scan_layers_matches_unrolled_logits_and_gradients():
+    unrolled = CONFIGS["qwen2-like"]
+    scanned = dataclasses.replace(unrolled, scan_layers=True)
+    params = _get_model("qwen2-like").params
+    stacked = stack_layer_params(params, unrolled.n_layers)
+    assert set(stacked["model"]) == {"embed_tokens", "layers", "norm"}
+    assert stacked["model"]["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 32, 64)
+    # The scanned module's own parameter tree has exactly this layout.
+    shapes = jax.eval_shape(lambda k: init_params(scanned, k), jax.random.key(0))
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, stacked)
+    tokens, mask = _batch(np.random.default_rng(11), 3, 9, 64, [0, 3, 1], [2, 0, 0])
+    real = mask.astype(bool)
+    a = np.asarray(_get_model("qwen2-like").forward(tokens, mask))
+    b = np.asarray(jax.jit(Transformer(scanned).apply)({"params": stacked}, tokens, mask))
+    np.testing.assert_allclose(b[real], a[real], atol=ATOL, rtol=0)
+    g = _GRAD(unrolled, params, tokens, mask)
+    gs = unstack_layer_params(_GRAD(scanned, stacked, tokens, mask), unrolled.n_layers)
+    assert _max_abs_diff(gs, g) < 1e-6  # float rounding (measured ~4e-7)
+    assert unstack_layer_params(stacked, 2)["model"].keys() == params["model"].keys()
+
+
+def test_scan_layers_cache_is_stacked():
+    c = CONFIGS["qwen2-like-scan"]
+    cache = Transformer(c).apply({"params": {}}, 3, 11, method="init_cache")
+    assert cache.k.shape == cache.v.shape == (c.n_layers, 3, c.n_kv_heads, 11, c.head_dim)
+    assert len(cache.k) == c.n_layers and cache.k[0].shape == (3, c.n_kv_heads, 11, c.head_dim)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_updates_the_cache_in_place(scan):
+    """A donated decode step aliases the whole cache (input buffer = output buffer) and its
+    temporaries stay below one layer's k and v (scan reads a layer back by a dynamic slice) plus
+    1 MiB: no copy of the cache per generated token. Compiled only, not run."""
+    c = get_config("test", max_seq_len=4096, scan_layers=scan)
+    m = Transformer(c)
+    params = jax.eval_shape(lambda k: init_params(c, k), jax.random.key(0))
+    cache = jax.eval_shape(lambda: m.apply({"params": {}}, 8, 4096, method="init_cache"))
+    kv_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache.k, cache.v)))
+    step = jax.jit(lambda p, t, ca: m.apply({"params": p}, t, ca, method="decode"), donate_argnums=2)
+    mem = step.lower(params, jax.ShapeDtypeStruct((8,), jnp.int32), cache).compile().memory_analysis()
+    assert mem.alias_size_in_bytes >= kv_bytes
+    assert mem.temp_size_in_bytes <= kv_bytes / c.n_layers + 2**20
+
+
+# ------------------------------------------------------------------------------------------
+# Precision
+# ------------------------------------------------------------------------------------------
+
+
+def test_bf16_compute_over_f32_master_weights():
+    """dtype=bfloat16, param_dtype=float32 (the large presets): float32 logits within 0.05 of
+    the float32 model's log-probs at init_std 0.1 (measured 0.021; bf16 keeps 8 significant
+    bits), and float32 gradients for the float32 master weights."""
+    c32 = get_config("test", init_std=0.1)
+    cbf = dataclasses.replace(c32, dtype="bfloat16")
+    params = init_params(c32, jax.random.key(3))
+    tokens, mask = _batch(np.random.default_rng(12), 3, 10, 64, [0, 3, 1])
+    real = mask.astype(bool)
+    lp = lambda c: np.asarray(jax.nn.log_softmax(jax.jit(Transformer(c).apply)({"params": params}, tokens, mask)))  # noqa: E731
+    lp32, lpbf = lp(c32), lp(cbf)
+    assert np.abs(lpbf - lp32)[real].max() < 0.05
+    assert np.abs(lpbf - lp32)[real].max() > 0  # bf16 really was used
+    g = _GRAD(cbf, params, tokens, mask)
+    assert all(x.dtype == jnp.float32 and np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+
+
+def test_bf16_stored_params_accepted_by_f32_model(qwen_model):
+    """A reference model cast to bfloat16 storage runs through the float32 model unchanged
+    (every weight is cast to the compute dtype where it is used)."""
+    m = qwen_model
+    ref = jax.tree.map(lambda x: x.astype(jnp.bfloat16), m.params)
+    tokens, mask = _batch(np.random.default_rng(13), 2, 8, 64, [2, 0])
+    got = np.asarray(jax.jit(m.module.apply)({"params": ref}, tokens, mask))
+    want = np.asarray(m.forward(tokens, mask))
+    assert got.dtype == np.float32
+    # Only the weights were rounded (2^-9 relative): logits of size ~7 move by < 0.5.
+    real = mask.astype(bool)
+    assert np.abs(got - want)[real].max() < 0.5
+
+
+# ------------------------------------------------------------------------------------------
+# Suppressed tokens
+# ------------------------------------------------------------------------------------------
+
+
+def test_suppress_ids_zero_probability_and_cache_consistent():
+    base = CONFIGS["qwen2-like"]
+    c = dataclasses.replace(base, suppress_ids=(0, 7, 63))
+    m = Model(c)
+    m.params = _get_model("qwen2-like").params  # same weights: only the suppressed logits move
+    v = {"params": m.params}
+    B, P, N = 2, 5, 4
+    tokens, mask = _batch(np.random.default_rng(14), B, P + N, 64, [0, 2])
+    full = np.asarray(jax.jit(m.module.apply)(v, tokens, mask))
+    plain = np.asarray(_get_model("qwen2-like").forward(tokens, mask))
+    keep = np.ones(64, bool)
+    keep[[0, 7, 63]] = False
+    np.testing.assert_array_equal(full[..., keep], plain[..., keep])
+    assert (full[..., ~keep] == SUPPRESSED_LOGIT).all()
+    probs = np.asarray(jax.nn.softmax(full, axis=-1))
+    logp = np.asarray(jax.nn.log_softmax(full, axis=-1))
+    assert (probs[..., ~keep] == 0).all() and np.isfinite(logp).all()
+    assert (0.0 * logp == 0).all()  # an expectation over tokens is not poisoned by NaN
+    # The cached path makes its logits in the same place.
+    prefill = jax.jit(lambda t, mk, ca: m.module.apply(v, t, mk, ca, method="prefill"))
+    decode = jax.jit(lambda t, ca: m.module.apply(v, t, ca, method="decode"))
+    logits, cache = prefill(tokens[:, :P], mask[:, :P], m.module.apply(v, B, P + N, method="init_cache"))
+    np.testing.assert_allclose(logits, full[:, P - 1], atol=ATOL, rtol=0)
+    for t in range(P, P + N):
+        logits, cache = decode(tokens[:, t], cache)
+        np.testing.assert_allclose(logits, full[:, t], atol=ATOL, rtol=0)
+    hidden = m.module.apply(v, tokens, mask, method="hidden")
+    np.testing.assert_allclose(m.module.apply(v, hidden, method="head"), full, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Length limits (trace-time checks)
+# ------------------------------------------------------------------------------------------
+
+
+def test_too_long_inputs_are_rejected_by_the_model():
+    c = get_config("test", max_seq_len=16)
+    module = Transformer(c)
+    with pytest.raises(ValueError, match=r"17 slots.*max_seq_len 16"):
+        module.apply({"params": {}}, 2, 17, method="init_cache")
+    module.apply({"params": {}}, 2, 16, method="init_cache")  # the limit itself is fine
+    params = jax.eval_shape(lambda k: init_params(c, k), jax.random.key(0))
+    tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+    for method in (None, "hidden"):  # the full forward, traced: nothing is compiled or run
+        with pytest.raises(ValueError, match=r"17 tokens.*max_seq_len 16"):
+            jax.eval_shape(lambda p, t, m=method: module.apply({"params": p}, t, jnp.ones(t.shape, bool), method=m),
+                           params, tokens)
+    with pytest.raises(ValueError, match=r"17 tokens.*max_seq_len 16"):
+        jax.eval_shape(lambda p, t: RewardModel(c).apply({"params": p}, t, jnp.ones(t.shape, bool)),
+                       jax.eval_shape(lambda k: init_reward_params(c, k), jax.random.key(0)), tokens)
+
+
+def test_sampler_with_wrapped_apply_fn_gets_a_clear_error_before_compiling():
+    """`sample` reads max_seq_len from `model.apply`'s bound module; behind a lambda it cannot,
+    and the model's own check must fire while the sampler is traced, before any compilation."""
+    from xpo_jax.sampling import sample
+
+    c = get_config("test", max_seq_len=16)
+    module = Transformer(c)
+    params = init_params(c, jax.random.key(0))
+    wrapped = lambda *a, **k: module.apply(*a, **k)  # noqa: E731
+    prompts, mask = np.ones((2, 10), np.int32), np.ones((2, 10), np.int32)
+    call = lambda: sample(wrapped, params, prompts, mask, jax.random.key(0), max_new_tokens=12,  # noqa: E731
+                          eos_id=1, pad_id=0)
+    with pytest.raises(ValueError, match=r"21 slots.*max_seq_len 16"):
+        call()  # warms the small eager ops of the argument checks
+    compiles = []
+    listener = lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with pytest.raises(ValueError, match=r"21 slots.*max_seq_len 16"):
+            call()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []

@@ -119,7 +119,7 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = FSDP_MIN_SIZ
     of the layer scan finds its layer's shards on every device."""
     shape = tuple(int(s) for s in shape)
     first = 1 if stacked else 0
-    if fsdp_size <= 1 or len(shape) - first < 2 or math.prod(shape) < min_size:
+    if fsdp_size <= 1 or len(shape) - first < 2 or math.prod(shape[first:]) < min_size:
         return P()
     for d in sorted(range(first, len(shape)), key=lambda d: -shape[d]):  # stable: ties keep order
         if shape[d] % fsdp_size == 0:

@@ -10,7 +10,8 @@ A "causal_lm" loads into `Transformer`, a "reward_model" into `RewardModel`; the
 follow the mechanical map in transformer.py's module docstring (`_param_map` below spells it out).
 
     config_from_hf(hf_config)                  config.json (a dict) -> ModelConfig
-    load_hf(path, dtype=None)                  checkpoint dir -> (ModelConfig, params, kind)
+    load_hf(path, dtype=None, shardings=None,  checkpoint dir -> (ModelConfig, params, kind),
+            overrides=None)                    optionally straight into per-parameter shardings
     save_hf(path, config, params, kind=...)    params -> a dir transformers' from_pretrained loads
 
 Both config.json dialects are read: transformers 4.x writes `rope_theta` and `rope_scaling` at the
@@ -35,20 +36,29 @@ row is not the pad token. They differ when pad_token_id == eos_token_id (common:
 chat checkpoints pad with EOS) and a response ends with EOS: HF then scores the token before the
 EOS, we score the EOS itself. save_hf writes `pad_token_id` only when given (`extra_config`).
 
-Memory. load_hf reads one tensor at a time (safetensors' numpy API), converts it (dtype,
-transpose), puts it on the default device and drops the host copy: the host never holds a second
-full copy of the model. save_hf materialises one shard at a time on the host, so pass `shard_size`
-for models larger than you want copied to host memory at once.
+Memory. load_hf reads one parameter at a time (safetensors' numpy API), converts it (dtype,
+transpose), puts it on its device(s) and drops the host copy: the host never holds a second full
+copy of the model. With `shardings` it reads only the slices each device holds
+(`jax.make_array_from_callback` with a callback that slices the file), so a model larger than
+any one device or host loads onto a pod. save_hf gathers one tensor at a time and streams it into
+its file (the safetensors header is planned from the shapes), from any sharding, on any number
+of processes (process 0 writes).
+
+Stacked layers. With `ModelConfig.scan_layers` our per-layer parameters are stacked on a leading
+[n_layers] axis; HF files always hold one tensor per layer. load_hf assembles a stacked parameter
+(or the slice of it a device needs) from the per-layer tensors; save_hf writes one tensor per
+layer. Choose it on loading with `overrides={"scan_layers": True}`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +89,10 @@ _IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
 
 # safetensors dtype names -> numpy dtypes (bf16 through ml_dtypes, which jax depends on).
 _NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+_ST_DTYPES = {np.dtype(v): k for k, v in _NP_DTYPES.items()}
+
+# shardings= of load_hf: (our param path, its shape) -> where that parameter lives.
+ShardingFn = Callable[[tuple, tuple], jax.sharding.Sharding]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -265,27 +279,44 @@ def config_to_hf(config: ModelConfig, kind: str = "causal_lm", dtype: Any = None
 # --------------------------------------------------------------------------------------------
 
 
-def _param_map(config: ModelConfig, kind: str) -> dict[str, tuple[tuple[str, ...], bool]]:
-    """HF tensor name -> (our param path, transpose?) for every parameter of the model."""
-    m: dict[str, tuple[tuple[str, ...], bool]] = {
-        "model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), False),
-        "model.norm.weight": (("model", "norm", "scale"), False),
+class _Entry(NamedTuple):
+    """Where one HF tensor goes: our param path, whether the kernel is the transposed HF weight,
+    and (scan_layers) its index on the leading layer axis of a stacked parameter, else None."""
+
+    path: tuple
+    transpose: bool
+    layer: Optional[int]
+
+
+def _param_map(config: ModelConfig, kind: str) -> dict[str, _Entry]:
+    """HF tensor name -> _Entry for every parameter of the model."""
+    m: dict[str, _Entry] = {
+        "model.embed_tokens.weight": _Entry(("model", "embed_tokens", "embedding"), False, None),
+        "model.norm.weight": _Entry(("model", "norm", "scale"), False, None),
     }
     for i in range(config.n_layers):
-        hf, ours = f"model.layers.{i}.", ("model", f"layers_{i}")
-        m[hf + "input_layernorm.weight"] = (ours + ("input_layernorm", "scale"), False)
-        m[hf + "post_attention_layernorm.weight"] = (ours + ("post_attention_layernorm", "scale"), False)
+        hf = f"model.layers.{i}."
+        ours, layer = (("model", "layers"), i) if config.scan_layers else (("model", f"layers_{i}"), None)
+        m[hf + "input_layernorm.weight"] = _Entry(ours + ("input_layernorm", "scale"), False, layer)
+        m[hf + "post_attention_layernorm.weight"] = _Entry(ours + ("post_attention_layernorm", "scale"),
+                                                           False, layer)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            m[hf + f"self_attn.{proj}.weight"] = (ours + ("self_attn", proj, "kernel"), True)
+            m[hf + f"self_attn.{proj}.weight"] = _Entry(ours + ("self_attn", proj, "kernel"), True, layer)
             if config.qkv_bias and proj != "o_proj":
-                m[hf + f"self_attn.{proj}.bias"] = (ours + ("self_attn", proj, "bias"), False)
+                m[hf + f"self_attn.{proj}.bias"] = _Entry(ours + ("self_attn", proj, "bias"), False, layer)
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            m[hf + f"mlp.{proj}.weight"] = (ours + ("mlp", proj, "kernel"), True)
+            m[hf + f"mlp.{proj}.weight"] = _Entry(ours + ("mlp", proj, "kernel"), True, layer)
     if kind == "causal_lm" and not config.tie_embeddings:
-        m["lm_head.weight"] = (("lm_head", "kernel"), True)
+        m["lm_head.weight"] = _Entry(("lm_head", "kernel"), True, None)
     if kind == "reward_model":
-        m["score.weight"] = (("score", "kernel"), True)
+        m["score.weight"] = _Entry(("score", "kernel"), True, None)
     return m
+
+
+def _hf_shape(entry: _Entry, shape: tuple) -> tuple:
+    """Shape of the HF tensor of `entry`, given the shape of our (possibly stacked) parameter."""
+    shape = tuple(shape[1:]) if entry.layer is not None else tuple(shape)
+    return shape[::-1] if entry.transpose else shape
 
 
 def _expected_shapes(config: ModelConfig, kind: str) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -297,7 +328,7 @@ def _expected_shapes(config: ModelConfig, kind: str) -> dict[tuple[str, ...], tu
     tokens, mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
     tree = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, mask)["params"])
     shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
-    mapped = {path for path, _ in _param_map(config, kind).values()}
+    mapped = {e.path for e in _param_map(config, kind).values()}
     if mapped != set(shapes):
         raise RuntimeError(f"xpo_jax.models.hf is out of date with the model's parameters: "
                            f"unmapped {sorted(set(shapes) - mapped)}, stale {sorted(mapped - set(shapes))}")
@@ -352,25 +383,41 @@ def _raw_tensor(file: Path, name: str) -> np.ndarray:
     return np.frombuffer(data, dtype=_NP_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def _read_tensor(f, file: Path, name: str) -> np.ndarray:
+def _read_slice(f, file: Path, name: str, index: tuple) -> np.ndarray:
+    """`index` (a tuple of slices) of tensor `name` of the open safetensors file `f`: only those
+    bytes are read (safetensors memory-maps the file and copies the slice)."""
     try:
-        x = f.get_tensor(name)
+        return f.get_slice(name)[index]
     except (TypeError, ValueError):  # e.g. "data type 'bfloat16' not understood" (old safetensors)
-        x = _raw_tensor(file, name)
-    if not np.issubdtype(x.dtype, np.floating) and x.dtype != ml_dtypes.bfloat16:
-        raise ValueError(f"{file}: tensor {name!r} has dtype {x.dtype}, expected a float type")
-    return x
+        return _raw_tensor(file, name)[index]  # reads the whole tensor: old releases only
 
 
-def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig, dict, str]:
+def _key(index: tuple) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)  # slices are unhashable before 3.12
+
+
+def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[ShardingFn] = None,
+            overrides: Optional[dict] = None) -> tuple[ModelConfig, dict, str]:
     """Load a Hugging Face checkpoint directory (config.json + safetensors).
 
     Args:
       path: a directory with config.json and model.safetensors, or shards listed in
         model.safetensors.index.json (as `save_pretrained` writes them).
       dtype: storage dtype of the returned params (default float32, whatever the checkpoint
-        holds: a bf16 checkpoint upcasts exactly). The returned config computes in the same dtype;
-        for bf16 compute over f32 params use `dataclasses.replace(config, dtype="bfloat16")`.
+        holds: a bf16 checkpoint upcasts exactly). The returned config computes in the same dtype
+        unless `overrides` says otherwise (e.g. {"dtype": "bfloat16"} over float32 params).
+      shardings: None, to put every parameter whole on the default device; or a function
+        `(param_path: tuple[str, ...], shape: tuple[int, ...]) -> jax.sharding.Sharding`, e.g.
+        `lambda path, shape: NamedSharding(mesh, fsdp_spec(shape, mesh.shape["fsdp"]))`. Each
+        parameter is then built by `jax.make_array_from_callback`, whose callback reads only the
+        requested slice of the tensor from the file (the index swapped for a transposed kernel,
+        assembled from per-layer tensors for a stacked one, converted slice by slice): no device
+        and no host holds more of a tensor than its own shards of it. `param_path` and `shape`
+        are those of the returned tree (stacked [n_layers, ...] with scan_layers: a rule must
+        then leave the leading layer axis unsplit).
+      overrides: ModelConfig fields set on the loaded config before the parameters are built,
+        e.g. {"scan_layers": True, "remat": "block", "dtype": "bfloat16", "suppress_ids": (0,)}.
+        With scan_layers the per-layer tensors are stacked. Not "param_dtype" (that is `dtype`).
 
     Returns:
       (config, params, kind): params is the "params" collection of `Transformer(config)` when kind
@@ -379,7 +426,9 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig,
     Raises:
       KeyError naming the HF tensor(s) missing from the checkpoint; ValueError for unexpected
       tensors (besides rotary inv_freq buffers, and lm_head.weight when embeddings are tied, which
-      transformers also ignores), wrong shapes or non-float dtypes; and config_from_hf's errors.
+      transformers also ignores), wrong shapes or non-float dtypes, bad overrides; and
+      config_from_hf's errors. Names, shapes and dtypes are all checked, from the files' headers,
+      before any tensor data is read.
     """
     from safetensors import safe_open
 
@@ -390,7 +439,13 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig,
         hf_config = json.load(f)
     _, kind = hf_architecture(hf_config)
     dt = _float_dtype(dtype, "float32")
-    config = dataclasses.replace(config_from_hf(hf_config), dtype=dt.name, param_dtype=dt.name)
+    overrides = dict(overrides or {})
+    bad = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if bad or "param_dtype" in overrides:
+        raise ValueError(f"load_hf: overrides {sorted(bad | ({'param_dtype'} & set(overrides)))} are not "
+                         "ModelConfig fields one may override (the storage dtype is dtype=)")
+    config = dataclasses.replace(config_from_hf(hf_config), **{"dtype": dt.name, **overrides},
+                                 param_dtype=dt.name).validate()
     names = _param_map(config, kind)
     shapes = _expected_shapes(config, kind)
 
@@ -408,31 +463,106 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig,
     if extra:
         raise ValueError(f"{path}: checkpoint has {len(extra)} unexpected tensor(s) for a "
                          f"{kind} of this config.json: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    file_of = {name: file for file, file_names in files.items() for name in file_names}
 
-    flat = {}
-    for file, file_names in files.items():
-        with safe_open(file, framework="np") as f:
-            for name in file_names:
-                if name not in names:
-                    continue
-                param_path, transpose = names[name]
-                x = _read_tensor(f, file, name)
-                hf_shape = shapes[param_path][::-1] if transpose else shapes[param_path]
-                if x.shape != hf_shape:
-                    raise ValueError(f"{path}: tensor {name!r} has shape {x.shape}, expected "
-                                     f"{hf_shape} for this config.json")
-                if transpose:
-                    x = x.T
-                # One converted host copy of this tensor, then onto the device; both host arrays
-                # die at the next iteration, so host memory holds at most one tensor's worth.
-                flat[param_path] = jnp.asarray(np.asarray(x, dtype=dt))
-                del x
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def handle(name):
+            file = file_of[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="np"))
+            return handles[file], file
+
+        # Shapes and dtypes from the headers, still before any data.
+        for name, e in names.items():
+            info = handle(name)[0].get_slice(name)
+            if info.get_dtype() not in _NP_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {info.get_dtype()}, expected a "
+                                 "float type")
+            want = _hf_shape(e, shapes[e.path])
+            if tuple(info.get_shape()) != want:
+                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(info.get_shape())}, "
+                                 f"expected {want} for this config.json")
+
+        members: dict[tuple, list[str]] = {}  # our path -> its HF tensor(s), in layer order
+        for name, e in sorted(names.items(), key=lambda kv: kv[1].layer or 0):
+            members.setdefault(e.path, []).append(name)
+
+        def read(param_path, index):
+            """Our parameter `param_path` at `index` (a tuple of slices), as a host array of dtype dt."""
+            e = names[members[param_path][0]]
+            index = tuple(index) + (slice(None),) * (len(shapes[param_path]) - len(index))
+
+            def one(name, idx):
+                x = _read_slice(*handle(name), name, idx[::-1] if e.transpose else idx)
+                return np.ascontiguousarray(x.T if e.transpose else x, dtype=dt)
+
+            if e.layer is None:
+                return one(members[param_path][0], index)
+            layers = range(len(members[param_path]))[index[0]]  # the stacked tensor's layer slice
+            return np.stack([one(members[param_path][i], index[1:]) for i in layers])
+
+        flat = {}
+        for param_path, shape in shapes.items():
+            if shardings is None:
+                # One converted host copy of the whole tensor, onto the device, then dropped.
+                flat[param_path] = jnp.asarray(read(param_path, (slice(None),) * len(shape)))
+                continue
+            seen: dict[tuple, np.ndarray] = {}  # shards replicated over "data" are read once
+
+            def callback(index, param_path=param_path, seen=seen):
+                if _key(index) not in seen:
+                    seen[_key(index)] = read(param_path, index)
+                return seen[_key(index)]
+
+            flat[param_path] = jax.make_array_from_callback(shape, shardings(param_path, shape), callback)
+            del seen
     return config, traverse_util.unflatten_dict(flat), kind
 
 
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
+
+
+def _host_value(x: Any) -> np.ndarray:
+    """One (possibly sharded, possibly multi-process) array as a whole numpy array on this host.
+    Every process must call it, in the same order, when the array spans processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _write_safetensors(file: Path, tensors: list[tuple[str, tuple, np.dtype]],
+                       fetch: Callable[[str], np.ndarray], write: bool) -> None:
+    """Stream `tensors` (name, shape, dtype) into a safetensors file, one tensor in memory at a time.
+
+    The layout (u64 little-endian header length, JSON header padded to 8 bytes with spaces, then
+    the tensors' bytes back to back at the header's `data_offsets`) needs only shapes for the
+    header, so it is written first and each tensor's bytes follow as `fetch(name)` produces
+    them. `fetch` runs on every process (it may gather across processes); only where `write`
+    does anything touch the file."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers requires "format"
+    offset = 0
+    for name, shape, dt in tensors:
+        nbytes = math.prod(shape) * dt.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with (open(file, "wb") if write else contextlib.nullcontext()) as fh:
+        if write:
+            fh.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape, dt in tensors:
+            x = fetch(name)
+            if tuple(x.shape) != tuple(shape) or x.dtype != dt:
+                raise RuntimeError(f"save_hf: {name} came out {x.shape} {x.dtype}, planned {shape} {dt}")
+            if write:
+                np.ascontiguousarray(x).tofile(fh)
+            del x
 
 
 def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind: str = "causal_lm",
@@ -444,7 +574,9 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind:
 
     Args:
       path: output directory (created; existing config.json / safetensors files are overwritten).
-      config, params: the model and its "params" collection (`Transformer` or `RewardModel`).
+      config, params: the model and its "params" collection (`Transformer` or `RewardModel`);
+        with config.scan_layers the stacked parameters are written as HF's per-layer tensors.
+        Params may be sharded over devices and processes.
       kind: "causal_lm" or "reward_model".
       dtype: tensor dtype in the files (default config.param_dtype); also written as
         `torch_dtype` / `dtype` in config.json.
@@ -454,10 +586,13 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind:
       extra_config: entries merged into config.json last, e.g. {"pad_token_id": 0,
         "eos_token_id": 2} (HF's sequence classification needs pad_token_id for batches).
 
+    Memory: one HF tensor at a time is gathered to the host (`process_allgather` for arrays that
+    span processes), converted and streamed to its file; the host never holds more. With several
+    processes every process must call save_hf (the gathers are collective) and only process 0
+    writes files; all return once the files are complete.
+
     Tied embeddings (config.tie_embeddings) write no lm_head tensor, as transformers does.
     """
-    from safetensors.numpy import save_file
-
     dt = _float_dtype(dtype, config.param_dtype)
     hf_config = config_to_hf(config, kind, dt)
     hf_config.update(extra_config or {})
@@ -474,40 +609,49 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind:
     if extra:
         raise ValueError(f"params have entries that are not part of a {kind}: {extra}")
 
-    # Plan the shards from shapes alone, so file names (which include the shard count) are known
-    # before any tensor is copied to the host.
+    # Plan the shards from shapes alone, so file names (which include the shard count) and every
+    # file's header are known before any tensor is copied to the host.
     shards: list[list[str]] = [[]]
     size = 0
-    for name, (param_path, _) in names.items():
-        nbytes = math.prod(shapes[param_path]) * dt.itemsize
+    for name, e in names.items():
+        nbytes = math.prod(shapes[e.path]) * dt.itemsize // (config.n_layers if e.layer is not None else 1)
         if shard_size is not None and shards[-1] and size + nbytes > shard_size:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
 
+    def fetch(name):
+        e = names[name]
+        x = flat[e.path]
+        x = _host_value(x if e.layer is None else x[e.layer])  # one layer of a stacked tensor
+        x = x.astype(dt)
+        return x.T if e.transpose else x
+
+    lead = jax.process_index() == 0
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)  # a mix of old and new shards would load the wrong tensors
+    if lead:
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+            stale.unlink(missing_ok=True)  # a mix of old and new shards would load the wrong tensors
     if shard_size is None:
         filenames = [SINGLE_FILE]
     else:
         filenames = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
     for filename, shard in zip(filenames, shards):
-        tensors = {}
-        for name in shard:
-            param_path, transpose = names[name]
-            x = np.asarray(jax.device_get(flat[param_path])).astype(dt)
-            tensors[name] = np.ascontiguousarray(x.T if transpose else x)
+        planned = [(name, _hf_shape(names[name], shapes[names[name].path]), dt) for name in shard]
+        _write_safetensors(path / filename, planned, fetch, lead)
+        for name, shape, _ in planned:
             weight_map[name] = filename
-            total += tensors[name].nbytes
-        # transformers refuses safetensors files without format metadata it knows.
-        save_file(tensors, str(path / filename), metadata={"format": "pt"})
-        del tensors
-    if shard_size is not None:
-        with open(path / INDEX_FILE, "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(path / "config.json", "w", encoding="utf-8") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
+            total += math.prod(shape) * dt.itemsize
+    if lead:
+        if shard_size is not None:
+            with open(path / INDEX_FILE, "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(path / "config.json", "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+    if jax.process_count() > 1:  # nobody reads the checkpoint before process 0 has written it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"xpo_jax save_hf {path}")

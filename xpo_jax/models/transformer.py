@@ -38,20 +38,28 @@ Parameter tree (the "params" collection) and the mechanical map from HF Llama / 
 
 i.e. split the HF name on ".", join "layers" and its index as "layers_{i}", rename the leaf
 (`weight` -> `kernel` (transposed) for Linear, `scale` for RMSNorm, `embedding` for the embedding).
+With `scan_layers` the per-layer entries are stacked instead: `model/layers/self_attn/q_proj/
+kernel` [n_layers, D, H*Dh], whose [i] is `model/layers_{i}/self_attn/q_proj/kernel`.
 experiments/bench_sampler.py applies this map to load our weights into HF `Qwen2ForCausalLM` and
 compares logits on a left- and right-padded batch (float32: max |difference| ~1e-6).
 
 Precision. `dtype` is the compute dtype (activations, KV cache; attention scores, softmax,
 RMSNorm statistics and RoPE always in float32) and `param_dtype` the storage dtype. The large
 presets compute in bfloat16 with float32 parameters (for accelerators); `test` and `bench-tiny`
-are float32 throughout (CPU tests).
+are float32 throughout (CPU tests). Every weight is cast to the compute dtype where it is used, so
+apply accepts parameters stored in any float dtype (e.g. a bfloat16 copy of a reference model).
+
+Length. `max_seq_len` is enforced by the model itself, at trace time: a full forward over more
+than max_seq_len tokens, or a KV cache with more slots, raises ValueError naming both numbers.
 
 KV cache. `KVCache` is a plain pytree (no Flax "cache" collection): per-layer key and value
-buffers laid out [B, n_kv_heads, S, head_dim], a slot mask [B, S], the write index (shared by all
-rows, because prompts are left-padded to one length) and each row's next RoPE position. The
-[B, Hkv, S, Dh] layout keeps (batch, head) leading and head_dim last, so both attention einsums
-are plain batched matmuls on the cache as stored -- no per-step transpose or copy of the cache --
-and a decode step writes one slot with `dynamic_update_slice`, in place inside a jitted loop.
+buffers laid out [B, n_kv_heads, S, head_dim] (stacked [n_layers, ...] with scan_layers), a slot
+mask [B, S], the write index (shared by all rows, because prompts are left-padded to one length)
+and each row's next RoPE position. The [B, Hkv, S, Dh] layout keeps (batch, head) leading and
+head_dim last, so both attention einsums are plain batched matmuls on the cache as stored -- no
+per-step transpose or copy of the cache -- and a decode step writes one slot with
+`dynamic_update_slice`, in place inside a jitted loop (with scan_layers the stacked cache rides in
+the scan's carry for the same reason, see `_ScanLayer`).
 
 Methods (call through `model.apply({"params": params}, ..., method=NAME)`):
 
@@ -102,6 +110,25 @@ class Llama3RopeScaling:
     original_max_position: int = 8192
 
 
+# What the backward pass keeps of a decoder layer's forward (`jax.checkpoint` policies).
+# "block" keeps nothing inside the layer: memory O(n_layers * B * T * D) for the layer inputs, at
+# the price of a second forward of every layer. "matmuls" keeps the outputs of the dots without
+# batch dimensions -- the q/k/v/o, gate/up/down projections -- and recomputes the cheap
+# elementwise work and the attention (whose score matmuls have batch dimensions (b, h), and whose
+# [B, H, T, T] scores are the largest activations). experiments/bench_compile_layers.py measures
+# this against `checkpoint_dots` (which keeps the attention matmuls too).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Logit of a suppressed token (ModelConfig.suppress_ids). exp(SUPPRESSED_LOGIT - max logit)
+# underflows to exactly 0 in float32, so the token has probability 0 and is never sampled, while
+# its log-prob stays finite (-1e9 - logsumexp): 0 * log p is 0, not NaN, in every expectation.
+SUPPRESSED_LOGIT = -1e9
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Llama/Qwen2 decoder.
@@ -110,6 +137,19 @@ class ModelConfig:
     parameters; both accept a string ("bfloat16") or a jnp dtype. `max_seq_len` (HF
     max_position_embeddings) bounds prompt + generated length; RoPE itself has no limit.
     `init_std` is HF's `initializer_range` (normal init of every Linear and the embedding).
+
+    Memory and compile time (none of these changes the function the model computes):
+      remat: "none"; "block" rematerialises each decoder layer in the backward pass (only the
+        layer inputs are kept, `nn.remat`); "matmuls" keeps the outputs of the projection
+        matmuls and recomputes the rest (norms, RoPE, attention, SiLU): see REMAT_POLICIES.
+      scan_layers: run the identical decoder layers with `nn.scan`: one compiled layer instead
+        of n_layers copies. Parameters are then stacked, `model/layers/...` with a leading
+        [n_layers] axis instead of `model/layers_{i}/...`, and so is the KV cache
+        ([n_layers, B, Hkv, S, Dh] arrays instead of tuples). `stack_layer_params` /
+        `unstack_layer_params` convert between the two layouts; load_hf / save_hf follow it.
+    suppress_ids: token ids the model never generates: their logits are set to SUPPRESSED_LOGIT
+      (finite, so log-probs stay finite), in `_logits`, the one place logits are made, so the
+      sampler, training log-probs and exact evaluation all see the same distribution.
     """
 
     vocab_size: int
@@ -128,6 +168,15 @@ class ModelConfig:
     max_seq_len: int = 4096
     init_std: float = 0.02
     rope_scaling: Optional[Llama3RopeScaling] = None
+    remat: str = "none"
+    scan_layers: bool = False
+    suppress_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        # A list is the natural way to write ids on a command line or in JSON; the config must
+        # stay hashable (it is a static field of the Flax modules), so store a tuple.
+        if isinstance(self.suppress_ids, list):
+            object.__setattr__(self, "suppress_ids", tuple(self.suppress_ids))
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -165,6 +214,20 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype") from e
             if not jnp.issubdtype(dt, jnp.floating):
                 raise ValueError(f"ModelConfig.{name} must be a floating dtype, got {dt}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat must be one of {sorted(REMAT_POLICIES)}, "
+                             f"got {self.remat!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"ModelConfig.scan_layers must be a bool, got {self.scan_layers!r}")
+        ids = self.suppress_ids
+        if not isinstance(ids, tuple):
+            raise ValueError(f"ModelConfig.suppress_ids must be a tuple of token ids, got {ids!r}")
+        for i in ids:
+            if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < self.vocab_size:
+                raise ValueError(f"ModelConfig.suppress_ids: {i!r} is not a token id in "
+                                 f"[0, vocab_size={self.vocab_size})")
+        if len(set(ids)) >= self.vocab_size:
+            raise ValueError(f"ModelConfig.suppress_ids suppresses all {self.vocab_size} tokens")
         rs = self.rope_scaling
         if rs is not None:
             if not isinstance(rs, Llama3RopeScaling):
@@ -185,17 +248,21 @@ PRESETS: dict[str, ModelConfig] = {
     "bench-tiny": ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
                               head_dim=64, mlp_dim=688, rope_theta=1e6, rms_eps=1e-6, qkv_bias=True,
                               tie_embeddings=False, max_seq_len=4096),
+    # The deep presets scan their layers: experiments/bench_compile_layers.py measured a training
+    # step's trace + compile at 24 and 32 layers 1.2-2.8x faster scanned (flat in depth, while the
+    # unrolled program grows with it), and only scanned layers let XLA (CPU) realise remat's
+    # memory saving. The shallow presets stay unrolled: little to gain at 2-4 layers.
     # Qwen/Qwen2-0.5B (and the `small` preset of trl_xpo_round.py).
     "qwen2-0.5b": ModelConfig(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
                               head_dim=64, mlp_dim=4864, rope_theta=1e6, rms_eps=1e-6, qkv_bias=True,
                               tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
-                              max_seq_len=32768),
+                              max_seq_len=32768, scan_layers=True),
     # meta-llama/Llama-3.2-1B shape (random init here; rope_scaling as in its config.json).
     "llama-1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                             head_dim=64, mlp_dim=8192, rope_theta=500000.0, rms_eps=1e-5,
                             qkv_bias=False, tie_embeddings=True, dtype="bfloat16",
                             param_dtype="float32", max_seq_len=131072,
-                            rope_scaling=Llama3RopeScaling(32.0, 1.0, 4.0, 8192)),
+                            rope_scaling=Llama3RopeScaling(32.0, 1.0, 4.0, 8192), scan_layers=True),
 }
 
 
@@ -217,7 +284,9 @@ def get_config(name: str, **overrides) -> ModelConfig:
 class KVCache(NamedTuple):
     """Explicit decoding state. S = number of slots (prompt length + new tokens).
 
-    k, v:          tuples of n_layers arrays [B, n_kv_heads, S, head_dim] (compute dtype).
+    k, v:          tuples of n_layers arrays [B, n_kv_heads, S, head_dim] (compute dtype); with
+                   scan_layers one stacked array [n_layers, B, n_kv_heads, S, head_dim] each
+                   (`k[i]` is layer i's buffer either way).
     mask:          [B, S] bool, slot holds a real token (a key that may be attended to).
     index:         [] int32, slots [0, index) are written; the next chunk is written at index.
                    One index for all rows: prompts are left-padded to a common length.
@@ -233,12 +302,22 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache with `max_len` slots; `dtype` defaults to the compute dtype."""
+    """An empty cache with `max_len` slots; `dtype` defaults to the compute dtype.
+
+    Raises ValueError when max_len > config.max_seq_len: a sequence cannot outgrow the model, and
+    the shapes are static, so a sampler asking for too long a cache fails here, while tracing,
+    however it reaches the model."""
     if max_len <= 0:
         raise ValueError(f"max_len must be positive, got {max_len}")
+    if max_len > config.max_seq_len:
+        raise ValueError(f"a KV cache of {max_len} slots exceeds the model's max_seq_len "
+                         f"{config.max_seq_len}")
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
     shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+    if config.scan_layers:
+        zeros = lambda: jnp.zeros((config.n_layers,) + shape, dtype)  # noqa: E731
+    else:
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
     return KVCache(k=zeros(), v=zeros(), mask=jnp.zeros((batch_size, max_len), bool),
                    index=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
 
@@ -341,12 +420,15 @@ class Attention(nn.Module):
         self.v_proj = _dense(c, c.n_kv_heads * c.head_dim, c.qkv_bias)
         self.o_proj = _dense(c, c.d_model, False)
 
-    def __call__(self, x, rope, visible, layer_cache=None, index=None):
+    def __call__(self, x, rope, visible, layer_cache=None, index=None, layer=None):
         """x [B, T, D]; rope = (cos, sin) [B, T, Dh]; visible [B, T, S]. Without a cache S = T
         and the keys are this chunk's.
 
         With `layer_cache` = (k, v) [B, Hkv, S, Dh], the chunk's keys/values are written at slot
         `index` first and the queries attend over all S slots. Returns (out, new layer_cache).
+        With `layer` (a traced int, scan_layers) the cache is the whole stacked
+        (k, v) [L, B, Hkv, S, Dh]: the chunk is written in place at [layer, :, :, index] and this
+        layer's buffers read back, so a decode step writes T slots, not a copy of the cache.
         """
         c = self.config
         B, T, _ = x.shape
@@ -357,13 +439,21 @@ class Attention(nn.Module):
         q = apply_rope(q, *rope).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
         k = apply_rope(k, *rope).transpose(0, 2, 1, 3)     # [B, Hkv, T, Dh]
         v = v.transpose(0, 2, 1, 3)
-        if layer_cache is not None:
+        if layer_cache is not None and layer is None:
             ck, cv = layer_cache
             start = (0, 0, index, 0)
             ck = lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
             cv = lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
             layer_cache = (ck, cv)
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        elif layer_cache is not None:
+            ck, cv = layer_cache
+            start = (layer, 0, 0, index, 0)
+            ck = lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+            cv = lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+            layer_cache = (ck, cv)
+            k = lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
+            v = lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
         out = _attend(q, k, v, visible)  # [B, Hkv, G, T, Dh]
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim)
         return self.o_proj(out), layer_cache
@@ -395,11 +485,43 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = norm()
         self.mlp = MLP(c)
 
-    def __call__(self, x, rope, visible, layer_cache=None, index=None):
-        h, layer_cache = self.self_attn(self.input_layernorm(x), rope, visible, layer_cache, index)
+    def __call__(self, x, rope, visible, layer_cache=None, index=None, layer=None):
+        h, layer_cache = self.self_attn(self.input_layernorm(x), rope, visible, layer_cache, index,
+                                        layer)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, layer_cache
+
+
+class _ScanLayer(DecoderLayer):
+    """DecoderLayer in `nn.scan`'s form, (carry, *broadcast) -> (carry, None).
+
+    carry = (x, stacked cache (k, v) [L, ...] or None, layer index). The cache rides in the carry
+    rather than as a scanned input/output: scanned outputs are new buffers, so each decode step
+    would copy the whole cache, while a carry is updated in place (`Attention` writes T slots).
+    Reading a layer's buffers back is a dynamic slice, which XLA on CPU materialises: a decode
+    step's temporaries hold one layer's k and v, not the cache (the test checks both)."""
+
+    def __call__(self, carry, rope, visible, index):
+        x, cache, layer = carry
+        x, cache = DecoderLayer.__call__(self, x, rope, visible, cache, index, layer)
+        return (x, cache, layer + 1), None
+
+
+def _layers(config: ModelConfig):
+    """The decoder layers of `config`: a list of n_layers modules, or one scanned module."""
+    policy = REMAT_POLICIES[config.remat]
+    if not config.scan_layers:
+        cls = DecoderLayer if config.remat == "none" else nn.remat(DecoderLayer, policy=policy)
+        return [cls(config) for _ in range(config.n_layers)]  # named layers_0, layers_1, ...
+    cls = _ScanLayer
+    if config.remat != "none":
+        # prevent_cse=False: inside a scan CSE cannot merge the recomputation with the forward
+        # anyway, and the barriers it would add cost performance (JAX's `checkpoint` docs).
+        cls = nn.remat(cls, policy=policy, prevent_cse=False)
+    scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=config.n_layers)
+    return scanned(config)  # named layers; every parameter gets a leading [n_layers] axis
 
 
 class Decoder(nn.Module):
@@ -412,19 +534,35 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype,
                                      param_dtype=c.storage_dtype,
                                      embedding_init=nn.initializers.normal(c.init_std))
-        self.layers = [DecoderLayer(c) for _ in range(c.n_layers)]  # named layers_0, layers_1, ...
+        self.layers = _layers(c)
         self.norm = RMSNorm(c.rms_eps, c.compute_dtype, c.storage_dtype)
 
+    def _run_layers(self, x, rope, visible, kv=None, index=None):
+        """All layers; kv = (k, v) as KVCache holds them, or None. Returns (x, new kv)."""
+        if self.config.scan_layers:
+            (x, kv, _), _ = self.layers((x, kv, jnp.zeros((), jnp.int32)), rope, visible, index)
+            return x, kv
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, layer_kv = layer(x, rope, visible, None if kv is None else (kv[0][i], kv[1][i]), index)
+            if kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        return x, None if kv is None else (tuple(new_k), tuple(new_v))
+
     def __call__(self, tokens: Array, mask: Array) -> Array:
-        """Full causal forward. tokens, mask [B, T] -> hidden [B, T, D]."""
+        """Full causal forward. tokens, mask [B, T] -> hidden [B, T, D].
+
+        Raises ValueError when T > max_seq_len (shapes are static: a trace-time check)."""
         mask = mask.astype(bool)
         T = tokens.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"a sequence of {T} tokens exceeds the model's max_seq_len "
+                             f"{self.config.max_seq_len}")
         causal = jnp.tril(jnp.ones((T, T), bool))
         visible = causal[None] & mask[:, None, :]
         rope = rope_tables(positions_from_mask(mask), rope_inv_freq(self.config))
-        x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x, _ = layer(x, rope, visible)
+        x, _ = self._run_layers(self.embed_tokens(tokens), rope, visible)
         return self.norm(x)
 
     def extend(self, tokens: Array, mask: Array, cache: KVCache):
@@ -447,13 +585,9 @@ class Decoder(nn.Module):
         q_slots = index + jnp.arange(T, dtype=jnp.int32)
         visible = (jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slots[:, None])[None] & slot_mask[:, None, :]
         rope = rope_tables(positions, rope_inv_freq(self.config))
-        x = self.embed_tokens(tokens)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            x, (ck, cv) = layer(x, rope, visible, (cache.k[i], cache.v[i]), index)
-            new_k.append(ck)
-            new_v.append(cv)
-        cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=slot_mask, index=index + T,
+        x, (new_k, new_v) = self._run_layers(self.embed_tokens(tokens), rope, visible,
+                                             (cache.k, cache.v), index)
+        cache = KVCache(k=new_k, v=new_v, mask=slot_mask, index=index + T,
                         next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32))
         return self.norm(x), cache
 
@@ -485,12 +619,19 @@ class Transformer(nn.Module):
             self.lm_head = LMHead(c)
 
     def _logits(self, h: Array) -> Array:
-        """h [..., D] -> float32 logits [..., V]; matmul in compute dtype, f32 accumulation."""
+        """h [..., D] -> float32 logits [..., V]; matmul in compute dtype, f32 accumulation.
+        The only place logits are made: suppressed ids (config.suppress_ids) get SUPPRESSED_LOGIT."""
         c = self.config
         if c.tie_embeddings:
             w = self.model.embed_tokens.embedding.astype(c.compute_dtype)  # [V, D]
-            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
-        return self.lm_head(h)
+            logits = jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(h)
+        if c.suppress_ids:
+            banned = np.zeros(c.vocab_size, bool)
+            banned[list(c.suppress_ids)] = True
+            logits = jnp.where(banned, jnp.float32(SUPPRESSED_LOGIT), logits)
+        return logits
 
     def __call__(self, tokens: Array, mask: Array) -> Array:
         """tokens int32 [B, T], mask [B, T] -> logits [B, T, V] float32."""
@@ -563,6 +704,25 @@ def init_reward_params(config: ModelConfig, key: Array) -> dict:
     """Random parameters of `RewardModel(config)`."""
     config.validate()
     return _init(RewardModel(config), key)
+
+
+def stack_layer_params(params: dict, n_layers: int) -> dict:
+    """Unrolled parameters (`model/layers_{i}/...`) -> the scan_layers layout (`model/layers/...`,
+    each leaf stacked on a new leading [n_layers] axis). Works for Transformer and RewardModel
+    trees; other entries pass through. Inverse of `unstack_layer_params`."""
+    trunk = dict(params["model"])
+    per_layer = [trunk.pop(f"layers_{i}") for i in range(n_layers)]
+    trunk["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return {**params, "model": trunk}
+
+
+def unstack_layer_params(params: dict, n_layers: int) -> dict:
+    """The scan_layers layout -> unrolled `model/layers_{i}/...`; inverse of `stack_layer_params`."""
+    trunk = dict(params["model"])
+    stacked = trunk.pop("layers")
+    for i in range(n_layers):
+        trunk[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return {**params, "model": trunk}
 
 
 def _init(module: nn.Module, key: Array) -> dict:
