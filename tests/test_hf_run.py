@@ -81,3 +81,21 @@ def test_hf_run_on_a_4x2_mesh_matches_one_device(dirs, judge):
     assert max_diff(states[0].params, states[1].params) <= 5e-5
     emb = states[1].params["model"]["embed_tokens"]["embedding"]
     assert emb.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+
+
+def test_hf_run_on_a_mesh_in_bfloat16_with_remat(dirs):
+    """Issue 10's check: on 8 simulated devices a tiny HF checkpoint loads straight into its
+    shardings (about 1/fsdp of each split weight's bytes per device) and trains with bfloat16
+    compute and reference, float32 master weights, per-block remat and scanned layers."""
+    policy, rm, _, base = dirs
+    cfg = cfg_for(policy, rm, base, "bf16-mesh", batch_size=8, compute_dtype="bfloat16", ref_dtype="bfloat16",
+                  reward_dtype="bfloat16", remat="block", scan_layers=True)
+    t = Trainer(cfg, mesh=par.make_mesh(2, 4))
+    t.run()
+    rows = [json.loads(l) for l in open(base / "bf16-mesh" / "metrics.jsonl")]
+    assert [r["round"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    ref = t.state.ref_params["model"]["layers"]["mlp"]["up_proj"]["kernel"]  # stacked [L, D, F]
+    assert ref.dtype == jax.numpy.bfloat16 and ref.sharding.spec[0] is None  # the layer axis is never split
+    per_device = {s.device: s.data.nbytes for s in ref.addressable_shards}
+    assert set(per_device.values()) == {ref.nbytes // 4}  # fsdp = 4
+    assert t.state.params["model"]["layers"]["mlp"]["up_proj"]["kernel"].dtype == jax.numpy.float32
