@@ -325,7 +325,8 @@ def main(argv=None) -> int:
     rows = summarise(programs)
     meta = dict(machine=f"{platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'})",
                 date=datetime.date.today().isoformat(),
-                command="python experiments/exploration_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                command="python experiments/exploration_study.py " + " ".join(
+                    a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"),
                 seconds=sum(p["seconds"] for p in programs), seeds=len(seeds),
                 wall_s_this_call=time.perf_counter() - t_start)
     answer_path = PREFIX + "_answer.md"
