@@ -62,19 +62,20 @@ def time_ours(a) -> dict:
     rm_params = init_reward_params(mc, k[1])
     eos, pad = 1, 0
     # TRL's settings: lr 1e-6, alpha 1e-5, beta 0.1, sigmoid loss, deterministic judge, no clip.
-    cfg = TrainConfig(batch_size=a.batch, learning_rate=1e-6, alpha=1e-5, beta=0.1, bonus_clip=None,
-                      bradley_terry=False, max_grad_norm=1.0, rounds=10**6)
+    cfg = TrainConfig(batch_size=a.batch, learning_rate=1e-6, alpha=1e-5, beta=0.1, bonus="logprob",
+                      bradley_terry=False, max_grad_norm=1.0, rounds=10**6, min_new_tokens=a.new_tokens)
     tx, sched = make_optimizer(cfg)
     oracle = reward_model_oracle(rm.apply, rm_params, eos_id=eos)
     fns = make_round(cfg, apply_fn=model.apply, eos_id=eos, pad_id=pad, max_new_tokens=a.new_tokens,
-                     oracle=oracle, lr_schedule=sched, min_new_tokens=a.new_tokens)
+                     lr_schedule=sched)
     hp = Hyperparams.create(alpha=cfg.alpha, beta=cfg.beta)
     state = XPOState.create_xpo(apply_fn=model.apply, params=params,
                                 ref_params=jax.tree.map(jnp.copy, params), tx=tx,
                                 rng=jax.random.PRNGKey(1), hparams=hp)
     prompts = jax.random.randint(k[2], (a.batch, a.prompt_len), 2, mc.vocab_size)
     mask = jnp.ones_like(prompts)
-    step = jax.jit(fns.round_fn, donate_argnums=0)
+    jitted = jax.jit(fns.round_fn, donate_argnums=0)
+    step = lambda state, prompts, mask: jitted(state, prompts, mask, oracle)  # RM params: traced inputs
     t0 = time.perf_counter()
     state, m = step(state, prompts, mask)
     jax.block_until_ready(m)

@@ -16,7 +16,7 @@ plus the run's build (the reference fine-tune) 16 times, which is what 16 separa
 `xpo-jax train` invocations pay (against one build + one compile for the sweep).
 
 Part 2: for n in 1, 2, 4, 8, a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=n
-runs the round jitted on an n-way data-parallel mesh (`xpo_jax.parallel.shard_round`), times the
+runs the Trainer's round (`xpo_jax.train.Program`) on an n-way data-parallel mesh, times the
 steady-state round (median) and reports the parameters after the timed rounds; every n must match
 n = 1. On a 2-core CPU the simulated devices share the cores, so round time is expected flat or
 worse: the point is that it runs and matches.
@@ -65,7 +65,8 @@ def bench_grid(a) -> dict:
 
     from xpo_jax.config import TrainConfig
     from xpo_jax.sweep import grid_inputs, make_grid, sweep_config
-    from xpo_jax.train import build_run, make_train
+    from xpo_jax.run import build_run
+    from xpo_jax.train import make_train
 
     cfg = sweep_config(TrainConfig(task=a.task, rounds=a.rounds, eval_every=a.eval_every, progress=False,
                                    tensorboard=False))
@@ -114,24 +115,25 @@ def bench_grid(a) -> dict:
     out["vmap_vs_scan_max_abs_diff"] = agree
 
     # -- host loop: the Trainer's jitted round + jitted evaluation -------------------------
-    step = jax.jit(run.round_with_prompts, donate_argnums=0)
-    evaluate = jax.jit(run.exact_eval)
+    from xpo_jax.train import in_graph_round
+
+    step = jax.jit(in_graph_round(run), donate_argnums=0)
+    evaluate = jax.jit(run.evaluator)
     key0, hp0 = cell(0)
     st = run.init_state(key0, hp0)
     t = time.perf_counter()
-    step_c = step.lower(st, run.data_key(key0)).compile()
-    eval_c = evaluate.lower(st.params, hp0.beta).compile()
+    step_c = step.lower(st, run.data_key(key0), run.oracle).compile()
+    eval_c = evaluate.lower(st).compile()
     host_compile = time.perf_counter() - t
     t = time.perf_counter()
     for i in range(G):
         k, h = cell(i)
         state, dk = run.init_state(k, h), run.data_key(k)
         for r in range(1, cfg.rounds + 1):
-            state, metrics = step_c(state, dk)
+            state, metrics = step_c(state, dk, run.oracle)
             jax.device_get(metrics)  # the host loop reads every round's metrics
             if cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds):
-                _, beta = state.hparams.scheduled(state.round - 1, cfg.rounds)
-                jax.device_get(eval_c(state.params, beta))
+                jax.device_get(eval_c(state))
     host_run = time.perf_counter() - t
     out["host"] = {"compile_s": host_compile, "run_s": host_run}
     print(f"host loop x{G}: compile {host_compile:.1f} s, run {host_run:.1f} s", flush=True)
@@ -156,7 +158,8 @@ def bench_compute_bound(a) -> dict:
 
     from xpo_jax.config import TrainConfig
     from xpo_jax.sweep import grid_inputs, make_grid
-    from xpo_jax.train import build_run, make_train
+    from xpo_jax.run import build_run
+    from xpo_jax.train import make_train
 
     R = a.compute_rounds
     out = {"rounds": R}
@@ -191,25 +194,26 @@ def scaling_worker(n: int, rounds: int, task: str) -> None:
 
     from xpo_jax import parallel as par
     from xpo_jax.config import TrainConfig
-    from xpo_jax.train import build_run
+    from xpo_jax.run import build_run
+    from xpo_jax.train import Program
 
     assert jax.device_count() == n, (jax.device_count(), n)
     cfg = TrainConfig(task=task, eval_every=0, progress=False, tensorboard=False)
     run = build_run(cfg)
     mesh = par.make_mesh(n, 1)
     key = jax.random.PRNGKey(0)
-    data_key = run.data_key(key)
-    state = par.shard_state(run.init_state(key, run.hparams()), mesh)
-    sharded = par.shard_round(run, mesh, donate=True)
-    batches = [par.host_prompts(run, mesh, data_key, r) for r in range(rounds + 1)]
+    prog = Program(run, mesh)  # the Trainer's round on this mesh
+    data_key = jax.device_put(run.data_key(key), par.replicated(mesh))
     t = time.perf_counter()
-    state, m = sharded.round_fn(state, *batches[0])
+    prog.compile()
+    state = prog.init(key, run.hparams())
+    state, m = prog.step(state, data_key, 0)
     jax.block_until_ready(state)
     first = time.perf_counter() - t
     times = []
     for r in range(1, rounds + 1):
         t = time.perf_counter()
-        state, m = sharded.round_fn(state, *batches[r])
+        state, m = prog.step(state, data_key, r)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t)
     params = jax.device_get(state.params)
@@ -292,7 +296,7 @@ def write(result: dict) -> None:
     if s:
         lines += [f"## Round time on 1, 2, 4, 8 simulated CPU devices (data parallel, batch {s[0]['batch_size']})", "",
                   "Each n in its own process (`XLA_FLAGS=--xla_force_host_platform_device_count=n`), the round "
-                  "jitted on an n-way `data` mesh with `xpo_jax.parallel.shard_round`. The simulated devices share "
+                  "jitted on an n-way `data` mesh by the Trainer's `Program`. The simulated devices share "
                   "the same CPU cores, so no speed-up is possible here; the point is that the same program runs "
                   "sharded and computes the same parameters.", "",
                   "| devices | round (ms, median) | round (ms, min) | first round incl. compile (s) | "
