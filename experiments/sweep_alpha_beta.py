@@ -76,14 +76,14 @@ def write_markdown(path, cfg, final, alphas, betas, seeds, timing, machine, date
                         + " |")
         return [f"**{what}** (mean ± std over {len(seeds)} seeds)", ""] + rows + [""]
 
-    G = len(final["alpha"])
     f32 = lambda b: float(np.float32(b))  # dictionary keys: betas as stored (float32)
     ref_j = {f32(b): float(np.mean(final["ref_j_beta"][final["beta"] == np.float32(b)])) for b in betas}
     j_star = {f32(b): float(np.mean(final["j_star"][final["beta"] == np.float32(b)])) for b in betas}
     lines = [
         "# XPO vs online DPO and reference-sampling DPO on hard-explore: alpha x beta x seed sweep", "",
         f"{machine}, {date or datetime.date.today().isoformat()}, jax {timing['jax']}. Command: `{timing['command']}`", "",
-        f"{len(alphas)} alphas x {len(betas)} betas x {len(seeds)} seeds = {G} online runs of {cfg.rounds} rounds "
+        f"{len(alphas)} alphas x {len(betas)} betas x {len(seeds)} seeds = {len(alphas) * len(betas) * len(seeds)} "
+        f"online runs of {cfg.rounds} rounds "
         f"with y~ from pi_ref, plus {len(betas)} x {len(seeds)} online-DPO runs (both responses from pi_t) "
         f"(batch {cfg.batch_size}, lr {cfg.learning_rate:g}, Bradley-Terry oracle: {cfg.bradley_terry}, bonus "
         f"{cfg.bonus} [{cfg.bonus_clip_low:g}, {cfg.bonus_clip_high:g}]; every other option TrainConfig's "
