@@ -222,14 +222,8 @@ def _judge_with_reward_model(
     return judge_scores(key, scores[:batch], scores[batch:], y, y_mask, yt, yt_mask, **options)
 
 
-def reward_fn_oracle(
-    reward_fn: RewardFn,
-    *,
-    eos_id: int,
-    bradley_terry: bool = False,
-    missing_eos_penalty: Optional[float] = None,
-    mask_identical: bool = False,
-) -> jax.tree_util.Partial:
+def reward_fn_oracle(reward_fn: RewardFn, *, eos_id: int, bradley_terry: bool = False,
+                     missing_eos_penalty: Optional[float] = None, mask_identical: bool = False) -> jax.tree_util.Partial:
     """Oracle from a pure reward function ``reward_fn(prompts, prompt_mask, responses, mask) -> [B]``.
 
     Returns ``oracle(key, prompts, prompt_mask, y, y_mask, yt, yt_mask) -> Judgement`` with
@@ -245,15 +239,8 @@ def reward_fn_oracle(
     )
 
 
-def reward_model_oracle(
-    apply_fn: Callable[..., Array],
-    params: Any,
-    *,
-    eos_id: int,
-    bradley_terry: bool = False,
-    missing_eos_penalty: Optional[float] = None,
-    mask_identical: bool = False,
-) -> jax.tree_util.Partial:
+def reward_model_oracle(apply_fn: Callable[..., Array], params: Any, *, eos_id: int, bradley_terry: bool = False,
+                        missing_eos_penalty: Optional[float] = None, mask_identical: bool = False) -> jax.tree_util.Partial:
     """Oracle from a reward model: ``apply_fn({"params": params}, tokens [2B,T], mask) -> [2B]``.
 
     Scores ``r(x, y) = RM(concat(prompt, response))`` for y and y~ in one forward pass, then

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from xpo_jax.models.transformer import SUPPRESSED_LOGIT, ModelConfig
+from xpo_jax.models.transformer import ModelConfig, suppress
 
 Array = jax.Array
 
@@ -65,13 +64,7 @@ class TabularPolicy(nn.Module):
     def head(self, h: Array) -> Array:
         """Context ids [...] -> float32 logits [..., V]: the table's rows, suppressed ids set to
         SUPPRESSED_LOGIT (the only place logits are made)."""
-        c = self.config
-        logits = self.logits[h]
-        if c.suppress_ids:
-            banned = np.zeros(c.vocab_size, bool)
-            banned[list(c.suppress_ids)] = True
-            logits = jnp.where(banned, jnp.float32(SUPPRESSED_LOGIT), logits)
-        return logits
+        return suppress(self.logits[h], self.config)
 
     def hidden(self, tokens: Array, mask: Array) -> Array:
         """The "hidden state" of each position: its context token id, [B, T] int32."""

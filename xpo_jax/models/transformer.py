@@ -129,6 +129,15 @@ REMAT_POLICIES: dict[str, Any] = {
 SUPPRESSED_LOGIT = -1e9
 
 
+def suppress(logits: Array, config: "ModelConfig") -> Array:
+    """Logits [..., V] with `config.suppress_ids` set to SUPPRESSED_LOGIT (probability 0)."""
+    if not config.suppress_ids:
+        return logits
+    banned = np.zeros(config.vocab_size, bool)
+    banned[list(config.suppress_ids)] = True
+    return jnp.where(banned, jnp.float32(SUPPRESSED_LOGIT), logits)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Llama/Qwen2 decoder.
@@ -627,11 +636,7 @@ class Transformer(nn.Module):
             logits = jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(h)
-        if c.suppress_ids:
-            banned = np.zeros(c.vocab_size, bool)
-            banned[list(c.suppress_ids)] = True
-            logits = jnp.where(banned, jnp.float32(SUPPRESSED_LOGIT), logits)
-        return logits
+        return suppress(logits, c)
 
     def __call__(self, tokens: Array, mask: Array) -> Array:
         """tokens int32 [B, T], mask [B, T] -> logits [B, T, V] float32."""

@@ -95,6 +95,13 @@ def reverse_target(prompts: Array, prompt_mask: Array) -> tuple[Array, Array]:
 FILLER_ID = FIRST_CONTENT  # hard-explore: the demonstrators' "don't know" token, never a target
 
 
+def _builtin_task(name, prompts, prompt_mask, max_new_tokens, reward_fn, demonstrations, description) -> Task:
+    """A Task over the built-in token layout (pad 0, EOS 1, content 2..6)."""
+    return Task(name=name, vocab_size=VOCAB_SIZE, eos_id=EOS_ID, pad_id=PAD_ID, prompts=prompts,
+                prompt_mask=prompt_mask, max_new_tokens=max_new_tokens, reward_fn=reward_fn,
+                demonstrations=demonstrations, description=description)
+
+
 def make_hard_explore_task(
     *,
     name: str = "hard-explore",
@@ -161,18 +168,8 @@ def make_hard_explore_task(
         tokens, mask = _finish(body, jnp.full((batch_size,), prompt_len), prompt_len + 1)
         return p, pm, tokens, mask
 
-    return Task(
-        name=name,
-        vocab_size=VOCAB_SIZE,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        prompts=prompts,
-        prompt_mask=prompt_mask,
-        max_new_tokens=prompt_len + 1,
-        reward_fn=reward_fn,
-        demonstrations=demonstrations,
-        description="reverse the prompt; pi_ref knows 1-2 tokens, optimum has prob < 1e-3",
-    )
+    return _builtin_task(name, prompts, prompt_mask, prompt_len + 1, reward_fn, demonstrations,
+                         "reverse the prompt; pi_ref knows 1-2 tokens, optimum has prob < 1e-3")
 
 
 def make_copy_task(
@@ -217,15 +214,5 @@ def make_copy_task(
         tokens, mask = _finish(body, length, width)
         return p, pm, tokens, mask
 
-    return Task(
-        name=name,
-        vocab_size=VOCAB_SIZE,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        prompts=prompts,
-        prompt_mask=prompt_mask,
-        max_new_tokens=width,
-        reward_fn=reward_fn,
-        demonstrations=demonstrations,
-        description="copy the prompt; noisy demonstrations, pi_ref often optimal",
-    )
+    return _builtin_task(name, prompts, prompt_mask, width, reward_fn, demonstrations,
+                         "copy the prompt; noisy demonstrations, pi_ref often optimal")

@@ -49,6 +49,15 @@ def _check_probability(name: str, value: float, low_open: bool = True):
         raise ValueError(f"{name} must lie in {'(0' if low_open else '[0'}, 1); got {value!r}")
 
 
+def _tabular_task(name: str, vocab: int, prompts: np.ndarray, max_new_tokens: int, reward_fn, logits: np.ndarray,
+                  suppress_ids: tuple, description: str) -> Task:
+    """A Task with the tabular policy and the explicit reference table `logits` ([V, V])."""
+    return Task(name=name, vocab_size=vocab, eos_id=EOS_ID, pad_id=PAD_ID, prompts=prompts,
+                prompt_mask=np.ones(prompts.shape, np.int32), max_new_tokens=max_new_tokens, reward_fn=reward_fn,
+                model_config=tiny_model_config(vocab, prompts.shape[1] + max_new_tokens), model_class=TabularPolicy,
+                reference_params={"logits": logits}, suppress_ids=suppress_ids, description=description)
+
+
 # --------------------------------------------------------------------------------------------
 # Contextual bandit
 
@@ -60,16 +69,8 @@ def bandit_arms(num_prompts: int, num_actions: int) -> tuple[np.ndarray, np.ndar
     return k % num_actions, (k + 1) % num_actions
 
 
-def make_bandit_task(
-    *,
-    coverage: float,
-    num_prompts: int = 8,
-    num_actions: int = 16,
-    second_best_mass: float = 0.8,
-    second_best_reward: float = 0.5,
-    reward_scale: float = 4.0,
-    name: str | None = None,
-) -> Task:
+def make_bandit_task(*, coverage: float, num_prompts: int = 8, num_actions: int = 16, second_best_mass: float = 0.8,
+                     second_best_reward: float = 0.5, reward_scale: float = 4.0, name: str | None = None) -> Task:
     """A contextual bandit whose reference is good but not optimal.
 
     Tokens: pad 0, EOS 1, prompts 2 .. K+1 (one token each), actions K+2 .. K+A+1. A response is
@@ -124,21 +125,9 @@ def make_bandit_task(
         return jnp.where(ok, r, 0.0)
 
     label = coverage_label(coverage)
-    return Task(
-        name=name or f"bandit-{label}",
-        vocab_size=vocab,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        prompts=np.arange(first_prompt, first_action, dtype=np.int32)[:, None],
-        prompt_mask=np.ones((num_prompts, 1), np.int32),
-        max_new_tokens=1,
-        reward_fn=reward_fn,
-        model_config=tiny_model_config(vocab, 2),
-        model_class=TabularPolicy,
-        reference_params={"logits": table},
-        suppress_ids=(EOS_ID,) + tuple(range(first_prompt, first_action)),
-        description=f"contextual bandit, tabular; pi_ref(optimal) = {label}, mode = second best",
-    )
+    return _tabular_task(name or f"bandit-{label}", vocab, np.arange(first_prompt, first_action, dtype=np.int32)[:, None],
+                         1, reward_fn, table, (EOS_ID,) + tuple(range(first_prompt, first_action)),
+                         f"contextual bandit, tabular; pi_ref(optimal) = {label}, mode = second best")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,15 +171,8 @@ def _log(probs: np.ndarray) -> np.ndarray:
     return np.where(probs > 0, np.log(np.where(probs > 0, probs, 1.0)), 0.0).astype(np.float32)
 
 
-def make_chain_task(
-    *,
-    coverage: float,
-    length: int = 3,
-    num_distractors: int = 2,
-    stop_mass: float = 0.5,
-    reward_scale: float = 4.0,
-    name: str | None = None,
-) -> Task:
+def make_chain_task(*, coverage: float, length: int = 3, num_distractors: int = 2, stop_mass: float = 0.5,
+                    reward_scale: float = 4.0, name: str | None = None) -> Task:
     """A chain: one prompt, the optimal response is L specific tokens then EOS.
 
     Tokens: pad 0, EOS 1, the prompt token 2 (suppressed), chain tokens 3 .. L+2, distractors
@@ -231,21 +213,8 @@ def make_chain_task(
                                                   jnp.full((b,), length), EOS_ID)
 
     label = coverage_label(coverage)
-    return Task(
-        name=name or f"chain-{label}",
-        vocab_size=vocab,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        prompts=np.array([[start]], np.int32),
-        prompt_mask=np.ones((1, 1), np.int32),
-        max_new_tokens=length + 1,
-        reward_fn=reward_fn,
-        model_config=tiny_model_config(vocab, length + 2),
-        model_class=TabularPolicy,
-        reference_params={"logits": _log(probs)},
-        suppress_ids=(start,),
-        description=f"{length}-token chain, tabular bigram; pi_ref(optimal) = {label}",
-    )
+    return _tabular_task(name or f"chain-{label}", vocab, np.array([[start]], np.int32), length + 1, reward_fn,
+                         _log(probs), (start,), f"{length}-token chain, tabular bigram; pi_ref(optimal) = {label}")
 
 
 def make_chain_transformer_task(*, coverage: float, name: str | None = None,
