@@ -12,7 +12,9 @@ bits (`fingerprints`: an integer sum mod 2^32 of the bits times position weights
 device; integer addition is exact and order-free, so the value does not depend on the mesh the
 state is sharded over). `restore_latest_good` recomputes them after reading and, when a
 checkpoint does not verify (or cannot be read at all), falls back to the newest older one that
-does, and says so.
+does, and says so. The checkpoints it skipped are set aside by the trainer (`set_aside`:
+renamed to `corrupt-<round>`, kept for inspection), so that the resumed run can save those rounds
+again.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
+        self.skipped: list[int] = []  # rounds the last restore_latest_good could not use
 
     def latest_round(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -77,6 +80,12 @@ class Checkpointer:
         step = self.latest_round() if round_idx is None else round_idx
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(out["config"])
+
+    def saved_data(self, round_idx: Optional[int] = None) -> dict:
+        """The data-position dict saved with a checkpoint (reads no arrays)."""
+        step = self.latest_round() if round_idx is None else round_idx
+        out = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        return dict(out["data"])
 
     def save(self, round_idx: int, state: Any, config: dict, data: dict) -> None:
         """Save and wait until it is on disk (a checkpoint is only worth having once finished)."""
@@ -122,13 +131,16 @@ class Checkpointer:
     def restore_latest_good(self, like_state: Any) -> Optional[tuple[Any, dict, dict, str]]:
         """The newest checkpoint that reads and verifies: (state, config, data, note), where note
         says which newer ones were skipped and why ("" when the newest is good); None when there
-        is no checkpoint. Raises ValueError when none verifies."""
+        is no checkpoint. Raises ValueError when none verifies. The rounds skipped are left in
+        `self.skipped` (see `set_aside`)."""
         failures = []
+        self.skipped = []
         for step in self.all_rounds():
             try:
                 state, config, data = self.restore(like_state, step)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the next older one
-                failures.append(f"{step}: {type(e).__name__}: {str(e)[:300]}")
+                failures.append(f"{step}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+                self.skipped.append(step)
                 continue
             note = ""
             if failures:
@@ -138,6 +150,28 @@ class Checkpointer:
         if failures:
             raise ValueError(f"no checkpoint in {self.directory} verifies: {'; '.join(failures)}")
         return None
+
+    def set_aside(self, rounds: list[int]) -> list[str]:
+        """Rename the checkpoints of `rounds` to `corrupt-<round>` (kept for inspection, invisible
+        to restores), so the run can save those rounds again; returns the new paths. Call it on
+        one process, then `reload` on every process."""
+        from etils import epath  # orbax's paths: local or remote (gs://...)
+
+        moved = []
+        root = epath.Path(self.directory)
+        for r in rounds:
+            dst, n = root / f"corrupt-{r}", 1
+            while dst.exists():
+                n += 1
+                dst = root / f"corrupt-{r}.{n}"
+            (root / str(r)).rename(dst)
+            moved.append(str(dst))
+        self.reload()
+        return moved
+
+    def reload(self) -> None:
+        """Re-read which checkpoints exist (after another process changed the directory)."""
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

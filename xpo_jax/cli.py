@@ -34,7 +34,9 @@ def _glue_negative_numbers(argv: Sequence[str]) -> list[str]:
 
 
 def _error(command: str, e: BaseException) -> int:
-    print(f"xpo-jax {command}: error: {e}", file=sys.stderr)
+    """One line on stderr (a multi-line message, e.g. from a library, is joined), exit status 2."""
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"xpo-jax {command}: error: {msg}", file=sys.stderr)
     return 2
 
 

@@ -15,10 +15,11 @@ the same program; JAX's multi-controller runtime is the engine):
                   process writes together (so run_dir must be shared storage on several hosts).
     round 0       the evaluator's view of the reference (exact J_beta on tasks), before training
     checkpoints   the whole state, the config, every process's prompt-stream position and the
-                  data's fingerprint; with a checksum of every array, verified on restore
+                  data's fingerprint; with a checksum of every array, verified on restore: a
+                  checkpoint that fails is skipped (said so) and set aside as corrupt-<round>
     SIGTERM       finish the round, save, exit with EXIT_INTERRUPTED (75); a finished run exits 0
     NaN / inf     in the loss or gradient norm: stop at once without saving (NonFiniteLoss); the
-                  last checkpoint stays the last good one
+                  last good checkpoint (restored or saved by this run) is untouched
     run names     a new run never lands on an earlier run's output (--resume or --overwrite)
     --resume      bitwise, onto any mesh shape; metrics.jsonl (and TensorBoard) are cut back to
                   the restored round, so every round appears exactly once
@@ -79,6 +80,9 @@ def check_batch_fits_mesh(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     if cfg.batch_size % shards:
         raise ValueError(f"--batch-size={cfg.batch_size} must be divisible by the mesh's {shards} devices "
                          f"({dict(mesh.shape)}): each device takes an equal share of the rows")
+    eb = cfg.eval_batch_size or cfg.batch_size
+    if cfg.policy is not None and (cfg.eval_prompts or cfg.eval_fraction) and eb % shards:
+        raise ValueError(f"--eval-batch-size={eb} must be divisible by the mesh's {shards} devices ({dict(mesh.shape)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,8 +256,12 @@ class Program:
                                     pairs.y.mask, pairs.yt.tokens, pairs.yt.mask)
             state, metrics = self._update(state, pairs, judgement)
         metrics = dict(metrics)
-        metrics["data/num_truncated"] = float(run.prompts.stats["num_truncated"])
-        metrics["data/num_dropped"] = float(run.prompts.stats["num_dropped"])
+        # Each process counts the rows it read: the run's counts are their sum (what one process
+        # reading the whole batch counts).
+        stats = run.prompts.stats
+        truncated, dropped = par.all_processes([stats["num_truncated"], stats["num_dropped"]]).sum(axis=0)
+        metrics["data/num_truncated"] = float(truncated)
+        metrics["data/num_dropped"] = float(dropped)
         return state, metrics
 
     @property
@@ -288,6 +296,7 @@ class Trainer:
         check_batch_fits_mesh(cfg, self.mesh)
         self._claim_run_dir()  # before the (slow) build: a clash is reported at once
         self.run_ = run or build_run(cfg, self.mesh)
+        self._check_prompts_unchanged()  # before anything compiles
         self.program = Program(self.run_, self.mesh)
         self._stop_signal: Optional[int] = None
         self.interrupted = False
@@ -353,6 +362,7 @@ class Trainer:
         data_key = _place(run.data_key(key), prog.rep)
         start, state, t_offset = 0, None, 0.0
         log_path = os.path.join(self.out, "metrics.jsonl")
+        last_good: Optional[int] = None  # the newest checkpoint known to verify (restored or saved here)
         if cfg.resume:
             restored = ckpt.restore_latest_good(prog.abstract_state)
             if restored is None:
@@ -360,8 +370,13 @@ class Trainer:
             else:
                 state, saved_cfg, data, note = restored
                 check_resumable(saved_cfg, cfg.to_dict())
-                start = int(data["round"])
+                start = last_good = int(data["round"])
                 self._restore_prompts(data)
+                if ckpt.skipped:  # newer checkpoints that do not verify: keep them, out of the way
+                    moved = ckpt.set_aside(ckpt.skipped) if self.lead else []
+                    par.barrier("xpo_jax:set-aside")
+                    ckpt.reload()
+                    note += f"; set aside as {', '.join(moved)}" if moved else ""
                 if note:
                     print(note, flush=True)
                 print(f"resumed from {ckpt.directory}/{start} (round {start} of {cfg.rounds})", flush=True)
@@ -388,10 +403,10 @@ class Trainer:
                 state, metrics = prog.step(state, data_key, r - 1)
                 m = {k: float(v) for k, v in par.first_copy(metrics).items()}
                 if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
-                    last = ckpt.latest_round()
-                    where = f"round {last}" if last is not None else "none was saved yet"
-                    raise NonFiniteLoss(f"round {r}: loss={m['loss']}, grad_norm={m['grad_norm']}; stopping. "
-                                        f"The last good checkpoint ({where}) is untouched.")
+                    where = (f"the last good checkpoint (round {last_good}) is untouched" if last_good is not None
+                             else "no checkpoint was saved yet")
+                    raise NonFiniteLoss(f"round {r}: loss={m['loss']}, grad_norm={m['grad_norm']}; stopping without "
+                                        f"saving it: {where}.")
                 if prog.has_eval and cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds):
                     m.update(self._evaluate(state, r, writer))
                 m["round"] = r
@@ -402,12 +417,14 @@ class Trainer:
                     post = {"reward": m.get("task/reward", m["objective/model_scores"]), "kl": m["objective/kl"]}
                     if "eval/j_beta" in m:
                         post["J"] = m["eval/j_beta"]
+                    if "eval/win_rate" in m:
+                        post["win"] = m["eval/win_rate"]
                     bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
                 stop = par.any_process(self._stop_signal is not None)
                 due = cfg.checkpoint_every and r % cfg.checkpoint_every == 0
                 if due or r == end or stop:
                     ckpt.save(r, state, cfg.to_dict(), self._data_position(r))
-                    last_saved = r
+                    last_saved = last_good = r
                 if stop:
                     self.interrupted = True
                     if self.lead:
@@ -438,15 +455,34 @@ class Trainer:
             data["prompt_fingerprint"] = prompts.fingerprint
         return data
 
+    def _check_prompts_unchanged(self) -> None:
+        """--resume of a prompt-file run: the files must be those the latest checkpoint was saved
+        with (their sha256), checked from the checkpoint's JSON before anything compiles."""
+        if not self.cfg.resume or self.run_.prompts.in_graph or not _has_checkpoints(self.ckpt_dir):
+            return
+        from xpo_jax.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(self.ckpt_dir)
+        try:
+            saved = ckpt.saved_data().get("prompt_fingerprint")
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint: restore_latest_good decides
+            saved = None
+        finally:
+            ckpt.close()
+        self._check_fingerprint(saved)
+
+    def _check_fingerprint(self, saved: Optional[str]) -> None:
+        now = self.run_.prompts.fingerprint
+        if saved is not None and saved != now:
+            raise ValueError(f"--resume: the prompt files (--prompts={self.cfg.prompts!r}) changed since the checkpoint "
+                             f"was saved (sha256 {saved[:12]}... now {now[:12]}...); the saved position would point "
+                             "into different data. Restore the files, or start a new run")
+
     def _restore_prompts(self, data: dict) -> None:
         prompts = self.run_.prompts
         if prompts.in_graph:
             return
-        saved = data.get("prompt_fingerprint")
-        if saved is not None and saved != prompts.fingerprint:
-            raise ValueError(f"--resume: the prompt files ({self.cfg.prompts}) changed since the checkpoint was saved "
-                             f"(sha256 {saved[:12]}... now {prompts.fingerprint[:12]}...); the saved position would "
-                             "point into different data. Restore the files, or start a new run")
+        self._check_fingerprint(data.get("prompt_fingerprint"))
         rows = data["prompts"]
         if len(rows) == jax.process_count():
             prompts.restore(rows[jax.process_index()])
@@ -540,8 +576,12 @@ class Trainer:
 
 def device_memory_bytes(device) -> Optional[int]:
     """What one device can hold: its allocator's limit (GPU, TPU), or for CPU devices the host's
-    available memory shared by the process's local devices; None when unknown."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    available memory shared by the process's local devices; None when unknown. `device` must be
+    one of this process's (another process's device has no memory stats here)."""
+    try:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    except Exception:  # noqa: BLE001 - a backend without memory stats: fall back below
+        stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     if device.platform == "cpu":
@@ -561,13 +601,19 @@ def _check_fits(compiled: Any, name: str, cfg: TrainConfig, mesh: jax.sharding.M
     if m is None:
         return 0
     need = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    have = device_memory_bytes(mesh.devices.flat[0])
+    # One of this process's devices of the mesh: on several hosts, device 0 belongs to process 0.
+    device = next((d for d in mesh.devices.flat if d.process_index == jax.process_index()), mesh.devices.flat[0])
+    have = device_memory_bytes(device)
+    if jax.process_count() > 1:  # every process decides alike (a refusal on one host alone would hang the rest)
+        mib = par.all_processes([-1 if have is None else have >> 20])[:, 0]  # MiB: int32-safe
+        known = [int(x) for x in mib if x >= 0]
+        have = min(known) << 20 if known else None
     if have is not None and need > have:
         gib = 2.0 ** 30
         raise ValueError(
             f"--batch-size={cfg.batch_size}: one {name} program needs {need / gib:.2f} GiB per device (arguments "
             f"{m.argument_size_in_bytes / gib:.2f}, temporaries {m.temp_size_in_bytes / gib:.2f}) but a "
-            f"{mesh.devices.flat[0].platform} device has {have / gib:.2f} GiB; lower --batch-size (or "
+            f"{device.platform} device has {have / gib:.2f} GiB; lower --batch-size (or "
             f"--max-new-tokens / --max-prompt-length), raise --micro-batches, or add devices (--data / --fsdp)")
     return need
 

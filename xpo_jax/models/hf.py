@@ -347,9 +347,19 @@ def _float_dtype(dtype: Any, default: Any) -> np.dtype:
 # --------------------------------------------------------------------------------------------
 
 
+def _safe_open(file: Path):
+    """`safe_open(file)` whose errors name the file (safetensors' own, e.g. on a truncated file,
+    do not)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(file, framework="np")
+    except Exception as e:  # noqa: BLE001 - SafetensorError and OS errors alike: name the file
+        raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
 def _checkpoint_files(path: Path) -> dict[Path, list[str]]:
     """safetensors file -> the tensor names it holds (single file, or shards through the index)."""
-    from safetensors import safe_open
 
     if (path / INDEX_FILE).exists():
         with open(path / INDEX_FILE, encoding="utf-8") as f:
@@ -362,7 +372,7 @@ def _checkpoint_files(path: Path) -> dict[Path, list[str]]:
                 raise FileNotFoundError(f"{path / INDEX_FILE} names shard {file.name}, which is missing")
         return files
     if (path / SINGLE_FILE).exists():
-        with safe_open(path / SINGLE_FILE, framework="np") as f:
+        with _safe_open(path / SINGLE_FILE) as f:
             return {path / SINGLE_FILE: list(f.keys())}
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (only safetensors "
                             "checkpoints are supported; convert pytorch_model.bin with transformers)")
@@ -430,7 +440,6 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
       config_from_hf's errors. Names, shapes and dtypes are all checked, from the files' headers,
       before any tensor data is read.
     """
-    from safetensors import safe_open
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -471,7 +480,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
         def handle(name):
             file = file_of[name]
             if file not in handles:
-                handles[file] = stack.enter_context(safe_open(file, framework="np"))
+                handles[file] = stack.enter_context(_safe_open(file))
             return handles[file], file
 
         # Shapes and dtypes from the headers, still before any data.
