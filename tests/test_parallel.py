@@ -194,7 +194,8 @@ def test_trainer_on_4x2_mesh_matches_one_device(setup, one_device, tmp_path):
 
 def test_resume_onto_other_mesh_shapes(setup, one_device, tmp_path):
     """A 4x2 run stopped after round 1 resumes on 8x1 (and the one-device run's round-1
-    checkpoint on 2x4): the same final parameters, every round logged once."""
+    checkpoint on 8x1 too, from a copied run folder): the same final parameters, every round
+    logged once."""
     import dataclasses
 
     cfg = dataclasses.replace(setup["cfg"], run_dir=str(tmp_path), name="m")
@@ -208,7 +209,7 @@ def test_resume_onto_other_mesh_shapes(setup, one_device, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(one_device["dir"] / "p", other / "p")  # a copied run dir resumes too
     shutil.rmtree(other / "p" / "checkpoints" / str(ROUNDS))
-    t = Trainer(dataclasses.replace(cfg, run_dir=str(other), name="p", resume=True), mesh=par.make_mesh(2, 4),
+    t = Trainer(dataclasses.replace(cfg, run_dir=str(other), name="p", resume=True), mesh=par.make_mesh(8, 1),
                 run=setup["run"])
     t.run()
     assert max_diff(t.state.params, one_device["trainer"].state.params) <= PARAM_ATOL

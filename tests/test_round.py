@@ -49,7 +49,7 @@ def np_seq_logprob(run, params, prompts, pmask, resp, rmask):
     """Independent sequence log-probs: a full forward, float64 log-softmax, explicit shift."""
     toks = np.concatenate([prompts, resp], 1)
     mask = np.concatenate([pmask, rmask], 1)
-    logits = np.asarray(run.apply_fn({"params": params}, jnp.asarray(toks), jnp.asarray(mask)))
+    logits = np.asarray(jax.jit(run.apply_fn)({"params": params}, jnp.asarray(toks), jnp.asarray(mask)))
     ls = np_logsoftmax(logits)
     P, N = prompts.shape[1], resp.shape[1]
     out = np.zeros(len(toks))
@@ -115,7 +115,7 @@ def test_round_metrics_and_update_match_independent_computation(run, jitted):
         hr = jnp.where(w, pyt - ref_yt, py - ref_y)
         return (jnp.logaddexp(0, -beta * (hc - hr)) + alpha * pyt).mean()
 
-    g = jax.grad(ref_loss)(state.params)
+    g = jax.jit(jax.grad(ref_loss))(state.params)
     np.testing.assert_allclose(m["grad_norm"], optax.tree.norm(g), rtol=1e-4)
     # With plain SGD(lr=1) in the state, the update reveals the round's gradient exactly.
     sgd = optax.sgd(1.0)

@@ -139,7 +139,8 @@ def test_sigterm_on_a_mesh_saves_exits_75_and_resumes(tmp_path):
     finishes the round, saves it, exits with 75; --resume continues from exactly that round."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     base = [sys.executable, "-m", "xpo_jax", "train", "--batch-size", "8", "--eval-every", "0", "--checkpoint-every",
-            "0", "--run-dir", str(tmp_path), "--name", "sig", "--progress", "false", "--data", "4", "--fsdp", "2"]
+            "0", "--run-dir", str(tmp_path), "--name", "sig", "--progress", "false", "--data", "4", "--fsdp", "2",
+            "--tensorboard", "false"]  # tensorboardX's import costs each process seconds
     proc = subprocess.Popen(base + ["--rounds", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     metrics = tmp_path / "sig" / "metrics.jsonl"
