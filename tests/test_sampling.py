@@ -359,6 +359,14 @@ def test_step_fns_donate_the_cache(setup):
 # ------------------------------------------------------------------------------------------
 
 
+def _refused(setup, match, **inputs):
+    """_sample(setup, **inputs) raises ValueError matching `match`, and nothing was compiled."""
+    n_compiled = _sample_jit._cache_size()
+    with pytest.raises(ValueError, match=match):
+        _sample(setup, **inputs)
+    assert _sample_jit._cache_size() == n_compiled
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=-3), "max_new_tokens"),
@@ -376,10 +384,7 @@ def test_step_fns_donate_the_cache(setup):
     (dict(pad_id=V + 5), "pad_id"),
 ])
 def test_bad_input_raises_before_compiling(setup, kw, match):
-    n_compiled = _sample_jit._cache_size()
-    with pytest.raises(ValueError, match=match):
-        _sample(setup, **kw)
-    assert _sample_jit._cache_size() == n_compiled
+    _refused(setup, match, **kw)
 
 
 def test_bad_prompt_shapes_raise(setup):
@@ -407,12 +412,6 @@ def test_completions_is_a_namedtuple_pytree(setup):
 # ------------------------------------------------------------------------------------------
 
 
-def _bad_prompts(setup, row, col, value):
-    prompts = setup[2].copy()
-    prompts[row, col] = value
-    return prompts
-
-
 @pytest.mark.parametrize("row,col,value", [
     (3, 5, V),          # first id past the vocabulary: used to give token V-1 and NaN log-probs
     (6, 4, V + 1000),
@@ -421,13 +420,10 @@ def _bad_prompts(setup, row, col, value):
     (1, 5, 2 ** 32 + 3),  # would wrap to a valid id when cast to int32
 ])
 def test_prompt_ids_outside_vocabulary_raise(setup, row, col, value):
-    prompts = _bad_prompts(setup, row, col, 0).astype(np.int64)
+    prompts = setup[2].astype(np.int64)
     prompts[row, col] = value
-    n_compiled = _sample_jit._cache_size()
-    with pytest.raises(ValueError, match=rf"prompt token id {value} at prompts\[{row}, {col}\] is "
-                                         rf"outside the vocabulary \[0, {V}\)"):
-        _sample(setup, prompts=prompts)
-    assert _sample_jit._cache_size() == n_compiled
+    _refused(setup, rf"prompt token id {value} at prompts\[{row}, {col}\] is outside the vocabulary \[0, {V}\)",
+             prompts=prompts)
 
 
 def test_prompt_id_errors_list_every_bad_row(setup):
@@ -440,12 +436,8 @@ def test_prompt_id_errors_list_every_bad_row(setup):
 def test_all_zero_mask_row_raises(setup):
     mask = setup[3].copy()
     mask[4] = 0
-    n_compiled = _sample_jit._cache_size()
-    with pytest.raises(ValueError, match=r"prompt_mask row 4 is all zero"):
-        _sample(setup, prompt_mask=mask)
-    with pytest.raises(ValueError, match=r"prompt_mask row 0 is all zero"):
-        _sample(setup, prompt_mask=np.zeros((B, P), bool))
-    assert _sample_jit._cache_size() == n_compiled
+    _refused(setup, r"prompt_mask row 4 is all zero", prompt_mask=mask)
+    _refused(setup, r"prompt_mask row 0 is all zero", prompt_mask=np.zeros((B, P), bool))
 
 
 def test_right_padded_mask_raises(setup):
@@ -454,11 +446,8 @@ def test_right_padded_mask_raises(setup):
     model, params, prompts, mask, _ = setup
     right = np.ones((B, P), np.int32)
     right[3, -2:] = 0
-    n_compiled = _sample_jit._cache_size()
-    with pytest.raises(ValueError, match=r"prompt_mask row 3 ends in padding \(its last real token is "
-                                         r"at column 3 of 6\): prompts must be left-padded"):
-        _sample(setup, prompt_mask=right)
-    assert _sample_jit._cache_size() == n_compiled
+    _refused(setup, r"prompt_mask row 3 ends in padding \(its last real token is at column 3 of 6\): prompts must "
+                    r"be left-padded", prompt_mask=right)
 
 
 def test_zeros_between_real_tokens_are_allowed(setup):
@@ -492,7 +481,8 @@ def test_sharded_prompts_are_checked_per_shard_with_global_rows(setup):
         pytest.skip("needs 8 (simulated) devices; tests/conftest.py sets XLA_FLAGS")
     mesh = Mesh(np.array(devices[:8]).reshape(4, 2), ("data", "model"))
     rows = NamedSharding(mesh, PartitionSpec("data"))  # 4 row blocks, each on 2 devices
-    prompts = _bad_prompts(setup, 5, 2, V + 1)
+    prompts = setup[2].copy()
+    prompts[5, 2] = V + 1
     blocks = _shard_rows(jax.device_put(prompts, rows))
     assert sorted(s for s, _ in blocks) == [0, 2, 4, 6]
     with pytest.raises(ValueError, match=r"prompts\[5, 2\]"):
