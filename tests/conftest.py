@@ -6,11 +6,11 @@ import os
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# XLA's CPU collectives abort the process when a device thread is 40 s late to a rendezvous.
-# Two pytest-xdist workers, each simulating 8 devices and starting subprocesses, on 2 cores can
-# starve a thread that long; a late thread is slowness, not a hang, so give it ten minutes.
-if "collective_call_terminate_timeout" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+# XLA's CPU client sizes its thread pools max(cores, devices): 8 threads here. A program's
+# independent collectives run concurrently and each blocks a thread until every device arrives,
+# so 8 simulated devices on 8 threads can starve and deadlock (seen on 2 cores: 7 threads in an
+# all-gather, 4 in a while loop's all-reduce; XLA aborts after 40 s). NPROC sizes those pools.
+os.environ.setdefault("NPROC", "32")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compile time dominates these tests. A persistent cache, fresh for each session (so a stale
 # entry can never hide a change), lets identical programs built by different tests or by the
