@@ -153,8 +153,8 @@ class Checkpointer:
 
     def set_aside(self, rounds: list[int]) -> list[str]:
         """Rename the checkpoints of `rounds` to `corrupt-<round>` (kept for inspection, invisible
-        to restores), so the run can save those rounds again; returns the new paths. Call it on
-        one process, then `reload` on every process."""
+        to restores once `reload` has run), so the run can save those rounds again; returns the new
+        paths. Call it on one process, then `reload` on every process (this one included)."""
         from etils import epath  # orbax's paths: local or remote (gs://...)
 
         moved = []
@@ -166,7 +166,6 @@ class Checkpointer:
                 dst = root / f"corrupt-{r}.{n}"
             (root / str(r)).rename(dst)
             moved.append(str(dst))
-        self.reload()
         return moved
 
     def reload(self) -> None:
