@@ -359,8 +359,9 @@ def _max_abs_diff(a, b):
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("remat", ["block", "matmuls"])
 def test_remat_gradients_equal_plain_gradients(remat, scan):
-    """Rematerialisation recomputes the same float32 operations: gradients agree to 1e-6
-    (measured ~3e-7; the gradients themselves are O(0.5))."""
+    """Rematerialisation recomputes the same float32 operations, compiled as another program:
+    gradients agree to 1e-5 (measured 3e-7 to 1.1e-6 on 2-core AMD EPYC machines; the gradients
+    themselves are O(0.5), so this is a few float32 ulps of accumulated rounding)."""
     base = get_config("test", init_std=0.3, scan_layers=scan)
     params = _get_model("qwen2-like").params
     if scan:
@@ -369,7 +370,7 @@ def test_remat_gradients_equal_plain_gradients(remat, scan):
     plain = _GRAD(base, params, tokens, mask)  # compiled once per `scan`, then cached by jit
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(plain)) > 0.1
     got = _GRAD(dataclasses.replace(base, remat=remat), params, tokens, mask)
-    assert _max_abs_diff(got, plain) < 1e-6
+    assert _max_abs_diff(got, plain) < 1e-5
 
 
 def test_scan_layers_matches_unrolled_logits_and_gradients():
