@@ -64,7 +64,7 @@ def bench_grid(a) -> dict:
     import numpy as np
 
     from xpo_jax.config import TrainConfig
-    from xpo_jax.sweep import grid_inputs, make_grid, sweep_config
+    from xpo_jax.sweeps import grid_inputs, make_grid, sweep_config
     from xpo_jax.run import build_run
     from xpo_jax.train import make_train
 
@@ -157,7 +157,7 @@ def bench_compute_bound(a) -> dict:
     import jax
 
     from xpo_jax.config import TrainConfig
-    from xpo_jax.sweep import grid_inputs, make_grid
+    from xpo_jax.sweeps import grid_inputs, make_grid
     from xpo_jax.run import build_run
     from xpo_jax.train import make_train
 
@@ -202,8 +202,9 @@ def scaling_worker(n: int, rounds: int, task: str) -> None:
     run = build_run(cfg)
     mesh = par.make_mesh(n, 1)
     key = jax.random.PRNGKey(0)
-    prog = Program(run, mesh)  # the Trainer's round on this mesh
-    data_key = jax.device_put(run.data_key(key), par.replicated(mesh))
+    layout = par.Layout(mesh)
+    prog = Program(run, layout)  # the Trainer's round on this mesh
+    data_key = jax.device_put(run.data_key(key), layout.replicated)
     t = time.perf_counter()
     prog.compile()
     state = prog.init(key, run.hparams())

@@ -63,10 +63,10 @@ FAMILIES = {
 }
 # program -> (TrainConfig overrides, whether the baselines (alpha 0) and lambda = 0 cells run in it)
 PROGRAMS = {
-    "fresh/clip": (dict(bonus="clip", bonus_clip_low=-1.0, bonus_clip_high=1.0), True),
+    "fresh/clip": (dict(bonus="clip", bonus_params={"clip_low": -1.0, "clip_high": 1.0}), True),
     "fresh/vmax": (dict(bonus="vmax"), False),
     "fresh/logprob": (dict(bonus="logprob"), False),
-    "alg1/clip": (dict(bonus="clip", bonus_clip_low=-1.0, bonus_clip_high=1.0, updates_per_round=4,
+    "alg1/clip": (dict(bonus="clip", bonus_params={"clip_low": -1.0, "clip_high": 1.0}, updates_per_round=4,
                        replay_batch_size=BATCH), True),
 }
 TRANSFORMER_PROGRAMS = ("fresh/clip", "alg1/clip")
@@ -82,7 +82,7 @@ def task_for(family: str, coverage: float):
 def run_program(family: str, coverage: float, program: str, seeds: list, rounds: int, quick: bool) -> dict:
     """One vmapped sweep; returns its cells as lists (JSON-able)."""
     from xpo_jax.config import TrainConfig
-    from xpo_jax.sweep import sweep
+    from xpo_jax.sweeps import sweep
 
     spec = FAMILIES[family]
     overrides, with_baselines = PROGRAMS[program]

@@ -155,14 +155,15 @@ def plan(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, compute_
                                                    hparams=hparams, prompt_len=prompt_len, max_new_tokens=new_tokens,
                                                    param_dtype=param_dtype)
     state_shapes = jax.eval_shape(init, key0, hp, ref_shapes)
-    st = par.state_shardings(state_shapes, mesh)
-    state = par.abstract_state(state_shapes, mesh)
-    rm_sh = par.param_shardings(rm_shapes, mesh)
+    layout = par.Layout(mesh)
+    st = layout.state(state_shapes)
+    state = layout.abstract_state(state_shapes)
+    rm_sh = layout.params(rm_shapes)
     rm_params = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                        rm_shapes, rm_sh)
     oracle = reward_model_oracle(rm.apply, rm_params, eos_id=eos_id, bradley_terry=True)
-    oracle_sh = par.param_shardings(oracle, mesh)
-    rep, bs = par.replicated(mesh), par.batch_sharding(mesh)
+    oracle_sh = layout.params(oracle)
+    rep, bs = layout.replicated, layout.batch
     prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=bs)
     step = jax.jit(fns.round_fn, in_shardings=(st, bs, bs, oracle_sh), out_shardings=(st, rep), donate_argnums=0)
 
@@ -200,12 +201,11 @@ class _batch_constrained_layers:
         if self.mesh is None:
             return self
         import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
 
         from xpo_jax import parallel as par
         from xpo_jax.models import transformer
 
-        sharding = NamedSharding(self.mesh, P(par.batch_axes(self.mesh)))
+        sharding = par.Layout(self.mesh).batch
         pin = lambda x: jax.lax.with_sharding_constraint(x, sharding)
         self.orig = orig = transformer.DecoderLayer.__call__
 

@@ -86,7 +86,7 @@ def write_markdown(path, cfg, final, alphas, betas, seeds, timing, machine, date
         f"online runs of {cfg.rounds} rounds "
         f"with y~ from pi_ref, plus {len(betas)} x {len(seeds)} online-DPO runs (both responses from pi_t) "
         f"(batch {cfg.batch_size}, lr {cfg.learning_rate:g}, Bradley-Terry oracle: {cfg.bradley_terry}, bonus "
-        f"{cfg.bonus} [{cfg.bonus_clip_low:g}, {cfg.bonus_clip_high:g}]; every other option TrainConfig's "
+        f"{cfg.bonus} {cfg.resolved_bonus_params()}; every other option TrainConfig's "
         f"default), as two vmapped programs: compile {timing['compile_s']:.0f} s, run {timing['run_s']:.0f} s "
         f"(wall {timing['wall_s']:.0f} s with the reference fine-tune). Exact evaluation by enumerating every "
         "response. Files: `sweep_alpha_beta.csv` (one row per run), `sweep_alpha_beta_heatmap.png`, "
@@ -195,7 +195,7 @@ def main() -> int:
 
     from xpo_jax.config import TrainConfig
     from xpo_jax.run import build_run
-    from xpo_jax.sweep import finalise, grid_inputs, make_grid, make_sweep_fn, reference_eval, sweep_config
+    from xpo_jax.sweeps import finalise, grid_inputs, make_grid, make_sweep_fn, reference_eval, sweep_config
 
     if a.from_saved:
         return rewrite_from_saved()
@@ -250,7 +250,7 @@ def rewrite_from_saved() -> int:
     import numpy as np
 
     from xpo_jax.config import TrainConfig
-    from xpo_jax.sweep import finalise
+    from xpo_jax.sweeps import finalise
 
     saved = json.load(open(PREFIX + ".json"))
     npz = np.load(PREFIX + ".npz")

@@ -25,7 +25,7 @@ def parallel_test_config(**overrides):
     kw = dict(
         task=TASK_NAME, batch_size=8, rounds=2, seed=0, reference_seed=0, eval_every=0, checkpoint_every=0,
         progress=False, tensorboard=False,
-        alpha=0.05, alpha_end=None, beta=0.1, beta_end=None, loss_type="sigmoid", label_smoothing=0.0,
+        alpha=0.05, alpha_end=None, beta=0.1, beta_end=None, loss_type="sigmoid", loss_params={},
         bonus="logprob", exploration_mix=1.0, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=None,
         bradley_terry=False, missing_eos_penalty=None, mask_identical=False,
         learning_rate=3e-3, lr_scale=1.0, warmup_rounds=0, weight_decay=0.0, max_grad_norm=1.0,

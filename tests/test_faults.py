@@ -62,6 +62,7 @@ import pytest
 from common import PROMPTS, hf_test_config, make_tiny_hf
 
 from xpo_jax import parallel as par
+from xpo_jax.parallel import Layout
 from xpo_jax import train as train_module
 from xpo_jax.checkpoint import Checkpointer
 from xpo_jax.cli import __doc__ as CLI_DOC
@@ -409,22 +410,22 @@ def test_meshed_rerun_of_a_name_is_refused(run, finished, capsys):
 def test_caller_key_and_hparams_survive_a_donated_round(run, shape):
     """initial_state once stored the caller's key and hparams (and the reference as the policy):
     a donated round then deleted them (or refused to donate one buffer twice). Both ways of making
-    a state, eagerly (`shard_state(run.init_state(key, hparams), mesh)`, the README's former
+    a state, eagerly (`layout.place(run.init_state(key, hparams), ...)`, as the README's former
     example) and `Program.init`, with
     caller arrays uncommitted or already placed on the mesh. On one device the real round
     (`Program.step`); on 4x2 a donating program with the round's state shardings (the same
     aliasing, without compiling a second round)."""
-    mesh = one_device() if shape == (1, 1) else par.make_mesh(*shape)
-    prog = Program(run, mesh)
-    data_key = jax.device_put(run.data_key(jax.random.PRNGKey(1)), prog.rep)
+    layout = Layout(one_device() if shape == (1, 1) else par.make_mesh(*shape))
+    prog = Program(run, layout)
+    data_key = jax.device_put(run.data_key(jax.random.PRNGKey(1)), layout.replicated)
     donate = jax.jit(lambda s: s, donate_argnums=0, out_shardings=prog.state_sharding)
     for placed in (False, True):
         for make in ("readme", "program"):
             key, hparams = jax.random.PRNGKey(0), run.hparams()
             if placed:
-                key, hparams = jax.device_put((key, hparams), prog.rep)
+                key, hparams = jax.device_put((key, hparams), layout.replicated)
             if make == "readme":
-                state = par.shard_state(run.init_state(key, hparams), mesh)
+                state = layout.place(run.init_state(key, hparams), prog.state_sharding)
             else:
                 state = prog.init(key, hparams)
             if shape == (1, 1):

@@ -385,7 +385,7 @@ def _fsdp_rule(mesh):
     def rule(path, shape):
         if "layers" in path:  # model/layers/... (stacked); the unrolled ones are layers_{i}
             return NamedSharding(mesh, P(None, *fsdp_spec(shape[1:], f)))
-        return NamedSharding(mesh, fsdp_spec(shape, f))
+        return NamedSharding(mesh, P(*fsdp_spec(shape, f)))
 
     return rule
 

@@ -13,6 +13,7 @@ import pytest
 import xpo_jax.hf.run as hf_run
 from common import PROMPTS, hf_test_config, make_tiny_hf
 from xpo_jax import parallel as par
+from xpo_jax.parallel import Layout
 from xpo_jax.hf.eval import Subset
 from xpo_jax.hf.data import read_prompt_files
 from xpo_jax.models.hf import load_hf, save_hf
@@ -140,9 +141,10 @@ def test_eval_on_a_4x2_mesh_matches_one_device_with_a_second_judge(dirs, tmp_pat
                          eval_reward_model=str(other_rm), eval_samples=3)
     results = []
     for mesh in (par.make_mesh(1, 1, devices=jax.devices()[:1]), par.make_mesh(4, 2)):
-        run = build_run(cfg, mesh)
+        layout = Layout(mesh)
+        run = build_run(cfg, layout)
         assert run.oracle is not None and run.evaluator.judge.host is not None
-        prog = Program(run, mesh)
+        prog = Program(run, layout)
         state = prog.init(jax.random.PRNGKey(cfg.seed), run.hparams())
         at0, samples0 = prog.evaluate(state, 0)
         # Another policy: every weight scaled by 1.5 (elementwise: the shardings are kept).

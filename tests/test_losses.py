@@ -8,7 +8,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax.test_util import check_grads
 
-from xpo_jax.losses import LOSS_TYPES, dpo_loss, vmax_clip_bounds, xpo_bonus, xpo_loss
+from xpo_jax.losses import (
+    BONUSES, LOSS_TYPES, LOSSES, REQUIRED, check_params, dpo_loss, register_bonus, register_loss, resolve_loss,
+    vmax_clip_bounds, xpo_bonus, xpo_loss,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Independent float64 references, written from the papers' formulas (not from losses.py).
@@ -107,6 +110,16 @@ def make_refs(seed, dtype=np.float32):
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # losses that read label_smoothing
 
 
+def params_for(loss_type, eps=0.0, bco_delta=None):
+    """The hyperparameters each loss declares: label smoothing for SMOOTHED, a fixed baseline for
+    bco_pair when `bco_delta` is given."""
+    if loss_type in SMOOTHED:
+        return {"label_smoothing": eps}
+    if loss_type == "bco_pair" and bco_delta is not None:
+        return {"batch_baseline": 0.0, "delta": bco_delta}
+    return {}
+
+
 @functools.lru_cache(maxsize=None)
 def jitted_dpo(loss_type):
     return jax.jit(functools.partial(dpo_loss, loss_type=loss_type))
@@ -120,7 +133,7 @@ def test_dpo_loss_matches_float64_formula(loss_type, scale):
     for beta, eps in [(0.1, 0.0), (0.5, 0.2), (2.0, 0.0)]:
         if loss_type not in SMOOTHED:
             eps = 0.0  # these losses take no label smoothing
-        got = np.asarray(jitted_dpo(loss_type)(hw, hl, beta=beta, label_smoothing=eps, ref_margins=ref_w - ref_l))
+        got = np.asarray(jitted_dpo(loss_type)(hw, hl, beta=beta, ref_margins=ref_w - ref_l, **params_for(loss_type, eps)))
         want = ref_dpo(hw, hl, beta, loss_type, eps, ref_w=ref_w, ref_l=ref_l)
         assert got.shape == (B,)
         assert np.all(np.isfinite(got))
@@ -133,8 +146,8 @@ def test_dpo_loss_float64_to_last_digits(loss_type):
     ref_w, ref_l = make_refs(2, np.float64)
     with jax.enable_x64(True):
         got = np.asarray(dpo_loss(
-            jnp.asarray(hw), jnp.asarray(hl), beta=0.3, loss_type=loss_type, label_smoothing=0.1,
-            ref_margins=jnp.asarray(ref_w - ref_l),
+            jnp.asarray(hw), jnp.asarray(hl), beta=0.3, loss_type=loss_type, ref_margins=jnp.asarray(ref_w - ref_l),
+            **params_for(loss_type, 0.1),
         ))
     eps = 0.1 if loss_type in SMOOTHED else 0.0
     np.testing.assert_allclose(got, ref_dpo(hw, hl, 0.3, loss_type, eps, ref_w=ref_w, ref_l=ref_l), rtol=1e-12, atol=1e-12)
@@ -220,12 +233,18 @@ def test_bco_pair_baseline():
     np.testing.assert_allclose(f(hw, hl, beta=0.2), -np_logsig(rw - delta) - np_logsig(delta - rl), rtol=1e-5)
     # A given baseline (TRL's running mean, or 0 for later TRL releases) replaces it, traced or not.
     for d in (0.0, 0.7):
-        np.testing.assert_allclose(f(hw, hl, beta=0.2, bco_delta=d), -np_logsig(rw - d) - np_logsig(d - rl), rtol=1e-5)
+        np.testing.assert_allclose(f(hw, hl, beta=0.2, batch_baseline=0.0, delta=d), -np_logsig(rw - d) - np_logsig(d - rl),
+                                   rtol=1e-5)
+    # Between the two: the weighted baseline w * batch mean + (1 - w) * delta (traced: one program).
+    mix = jax.jit(lambda w: dpo_loss(hw, hl, beta=0.2, loss_type="bco_pair", batch_baseline=w, delta=0.7))
+    d = 0.25 * delta + 0.75 * 0.7
+    np.testing.assert_allclose(mix(0.25), -np_logsig(rw - d) - np_logsig(d - rl), rtol=1e-5)
     # The batch-mean baseline is detached: the gradient equals the one with delta fixed to its value...
     with jax.enable_x64(True):
         a, b = jnp.asarray(hw, jnp.float64), jnp.asarray(hl, jnp.float64)
         g_default = jax.grad(lambda x: dpo_loss(x, b, beta=0.2, loss_type="bco_pair").sum())(a)
-        g_fixed = jax.grad(lambda x: dpo_loss(x, b, beta=0.2, loss_type="bco_pair", bco_delta=delta).sum())(a)
+        g_fixed = jax.grad(lambda x: dpo_loss(x, b, beta=0.2, loss_type="bco_pair", batch_baseline=0.0,
+                                              delta=delta).sum())(a)
         np.testing.assert_allclose(g_default, g_fixed, rtol=1e-12)
 
         # ...and not the one obtained by differentiating through the mean.
@@ -243,7 +262,7 @@ def test_batch_coupled_losses_vmap_over_beta(loss_type):
     ref_w, ref_l = make_refs(14)
     betas = np.array([0.05, 0.3, 1.5], np.float32)
     fn = jax.jit(jax.vmap(
-        lambda b: dpo_loss(hw, hl, beta=b, loss_type=loss_type, label_smoothing=0.1, ref_margins=ref_w - ref_l)
+        lambda b: dpo_loss(hw, hl, beta=b, loss_type=loss_type, ref_margins=ref_w - ref_l, **params_for(loss_type, 0.1))
     ))
     got = np.asarray(fn(betas))
     eps = 0.1 if loss_type in SMOOTHED else 0.0
@@ -318,7 +337,7 @@ def test_alpha_zero_is_online_dpo_and_ties_go_to_y():
 
 def test_xpo_loss_aot_uses_reference_margins_of_the_ordered_pair():
     x = make_xpo_inputs(15)
-    _, m = xpo_jit(**x, alpha=0.0, beta=0.1, loss_type="aot", label_smoothing=0.1)
+    _, m = xpo_jit(**x, alpha=0.0, beta=0.1, loss_type="aot", loss_params={"label_smoothing": 0.1})
     # TRL's "aot" on (chosen, rejected) sequence log-probs, the pair ordered by the oracle.
     w = x["y_wins"]
     f64 = {k: np.float64(v) for k, v in x.items() if k != "y_wins"}
@@ -326,8 +345,8 @@ def test_xpo_loss_aot_uses_reference_margins_of_the_ordered_pair():
     rc, rr = np.where(w, f64["ref_y"], f64["ref_ytilde"]), np.where(w, f64["ref_ytilde"], f64["ref_y"])
     want = ref_dpo(pc - rc, pr - rr, 0.1, "aot", 0.1, ref_w=rc, ref_l=rr)
     np.testing.assert_allclose(m["loss/dpo"], want, rtol=1e-5, atol=1e-6)
-    # bco_delta reaches dpo_loss.
-    _, mb = xpo_jit(**x, alpha=0.0, beta=0.1, loss_type="bco_pair", bco_delta=0.3)
+    # the loss's own hyperparameters reach dpo_loss.
+    _, mb = xpo_jit(**x, alpha=0.0, beta=0.1, loss_type="bco_pair", loss_params={"batch_baseline": 0.0, "delta": 0.3})
     np.testing.assert_allclose(mb["loss/dpo"], ref_dpo(pc - rc, pr - rr, 0.1, "bco_pair", bco_delta=0.3), rtol=1e-5)
 
 
@@ -340,20 +359,21 @@ def test_xpo_bonus_forms_against_float64():
     r = np.float64(pi) - np.float64(ref)
     a = 0.1
     cases = [
-        (dict(), a * np.float64(pi)),  # TRL: unbounded log pi(y~)
-        (dict(ref_ytilde=ref), a * r),  # log-ratio, unclipped
-        (dict(ref_ytilde=ref, clip=1.5), a * np.clip(r, -1.5, 1.5)),
-        (dict(ref_ytilde=ref, clip_low=-0.5, clip_high=1.0), a * np.clip(r, -0.5, 1.0)),
-        (dict(ref_ytilde=ref, clip_low=-0.5), a * np.maximum(r, -0.5)),
-        (dict(ref_ytilde=ref, clip_high=1.0), a * np.minimum(r, 1.0)),
-        (dict(ref_ytilde=ref, clip_low=np.float32(-2.0), clip_high=jnp.float32(0.5)), a * np.clip(r, -2.0, 0.5)),
+        ("logprob", dict(), a * np.float64(pi)),  # TRL: unbounded log pi(y~)
+        ("logratio", dict(), a * r),  # log-ratio, unclipped
+        ("clip", dict(), a * np.clip(r, -1.0, 1.0)),  # the declared defaults: +-1
+        ("clip", dict(clip_low=-0.5, clip_high=1.0), a * np.clip(r, -0.5, 1.0)),
+        ("clip", dict(clip_low=np.float32(-2.0), clip_high=jnp.float32(0.5)), a * np.clip(r, -2.0, 0.5)),
+        ("vmax", dict(v_max=0.4), a * np.clip(r, -0.4 / 0.5, 0.4 / 0.5)),  # at beta 0.5
     ]
-    for kw, want in cases:
-        np.testing.assert_allclose(xpo_bonus(pi, alpha=a, **kw), want, rtol=1e-6, err_msg=str(kw))
-    n = np.array([5, 0, 10, 2])
-    np.testing.assert_allclose(xpo_bonus(pi, alpha=a, num_tokens=n), a * pi / np.maximum(n, 1), rtol=1e-6)
+    for bonus, kw, want in cases:
+        got = xpo_bonus(pi, ref, alpha=a, beta=0.5, bonus=bonus, **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{bonus} {kw}")
     lo, hi = vmax_clip_bounds(2.0, 0.5)
     assert (lo, hi) == (-4.0, 4.0)
+    assert BONUSES.names() == ("logprob", "logratio", "clip", "vmax")
+    assert BONUSES.get("clip").params == {"clip_low": -1.0, "clip_high": 1.0}
+    assert BONUSES.get("vmax").params == {"v_max": REQUIRED}
 
 
 def test_xpo_bonus_gradients():
@@ -363,22 +383,22 @@ def test_xpo_bonus_gradients():
     ref = jnp.asarray(REF_YT)
     alpha = 0.3
 
-    def jac(theta, **kw):
-        return jax.jacobian(lambda t: xpo_bonus(c * t + d, alpha=alpha, **kw))(theta)
+    def jac(theta, bonus="logprob", **kw):
+        return jax.jacobian(lambda t: xpo_bonus(c * t + d, ref, alpha=alpha, beta=0.1, bonus=bonus, **kw))(theta)
 
     theta = jnp.float32(0.0)
     # Sign: gradient descent on the bonus lowers log pi(y~).
     np.testing.assert_allclose(jac(theta), alpha * c, rtol=1e-6)
     # TRL's log pi(y~) and the unclipped log-ratio differ only in value, not in gradient.
-    np.testing.assert_allclose(jac(theta, ref_ytilde=ref), jac(theta), rtol=1e-6)
+    np.testing.assert_allclose(jac(theta, "logratio"), jac(theta), rtol=1e-6)
     # Clipped: alpha * grad log pi inside the window, 0 outside (r = [-1, 2, -18, -0.2]).
     for kw, inside in [
-        (dict(clip=1.5), [True, False, False, True]),
+        (dict(clip_low=-1.5, clip_high=1.5), [True, False, False, True]),
         (dict(clip_low=-0.5, clip_high=3.0), [False, True, False, True]),
-        (dict(clip_low=-1.5), [True, True, False, True]),
-        (dict(clip_high=0.0), [True, False, True, True]),
+        (dict(clip_low=-1.5, clip_high=1e9), [True, True, False, True]),
+        (dict(clip_low=-1e9, clip_high=0.0), [True, False, True, True]),
     ]:
-        np.testing.assert_allclose(jac(theta, ref_ytilde=ref, **kw), alpha * c * np.array(inside), rtol=1e-6, err_msg=str(kw))
+        np.testing.assert_allclose(jac(theta, "clip", **kw), alpha * c * np.array(inside), rtol=1e-6, err_msg=str(kw))
 
 
 def test_traced_clip_bounds_one_compilation_jit_and_vmap():
@@ -387,8 +407,7 @@ def test_traced_clip_bounds_one_compilation_jit_and_vmap():
     v_max = 0.4
 
     def bonus(beta):  # the paper's window [-V_max/beta, V_max/beta], traced with beta
-        lo, hi = vmax_clip_bounds(v_max, beta)
-        return xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=lo, clip_high=hi)
+        return xpo_bonus(pi, ref, alpha=0.1, beta=beta, bonus="vmax", v_max=v_max)
 
     betas = [0.1, 0.25, 1.0, 4.0]
     want = np.stack([0.1 * np.clip(r, -v_max / b, v_max / b) for b in betas])
@@ -397,18 +416,17 @@ def test_traced_clip_bounds_one_compilation_jit_and_vmap():
         np.testing.assert_allclose(one(b), w, rtol=1e-6)
     assert one._cache_size() == 1, "changing beta (hence the clip bounds) must not recompile"
     np.testing.assert_allclose(jax.jit(jax.vmap(bonus))(jnp.asarray(betas)), want, rtol=1e-6)
-    # Through xpo_loss, with a one-sided traced bound too.
+    # Through xpo_loss, the bounds themselves traced.
     x = make_xpo_inputs(16)
     rx = np.float64(x["pi_ytilde"]) - np.float64(x["ref_ytilde"])
-    loss_fn = jax.jit(lambda lo, hi: xpo_loss(**x, alpha=0.2, beta=0.1, bonus_clip_low=lo, bonus_clip_high=hi)[1]["loss/xpo"])
+    loss_fn = jax.jit(lambda lo, hi: xpo_loss(**x, alpha=0.2, beta=0.1, bonus="clip",
+                                              bonus_params={"clip_low": lo, "clip_high": hi})[1]["loss/xpo"])
     for lo, hi in [(-1.0, 2.0), (-3.0, 0.5)]:
         np.testing.assert_allclose(loss_fn(lo, hi), 0.2 * np.clip(rx, lo, hi), rtol=1e-6)
     assert loss_fn._cache_size() == 1
-    hi_only = jax.jit(lambda hi: xpo_loss(**x, alpha=0.2, beta=0.1, bonus_clip_high=hi)[1]["loss/xpo"])
-    np.testing.assert_allclose(hi_only(0.5), 0.2 * np.minimum(rx, 0.5), rtol=1e-6)
 
 
-xpo_jit_bonus = jax.jit(xpo_loss, static_argnames=("loss_type", "bonus_logratio"))
+xpo_jit_bonus = jax.jit(xpo_loss, static_argnames=("loss_type", "bonus"))
 
 
 def test_xpo_loss_bonus_forms():
@@ -416,11 +434,10 @@ def test_xpo_loss_bonus_forms():
     r = np.float64(x["pi_ytilde"]) - np.float64(x["ref_ytilde"])
     cases = [
         (dict(), 0.2 * np.float64(x["pi_ytilde"])),
-        (dict(bonus_logratio=True), 0.2 * r),
-        (dict(bonus_clip=2.0), 0.2 * np.clip(r, -2.0, 2.0)),
-        (dict(bonus_clip_low=-1.0, bonus_clip_high=3.0), 0.2 * np.clip(r, -1.0, 3.0)),
-        (dict(bonus_clip_low=-1.0), 0.2 * np.maximum(r, -1.0)),  # a bound implies the log-ratio form
-        (dict(bonus_logratio=True, bonus_clip_high=0.5), 0.2 * np.minimum(r, 0.5)),
+        (dict(bonus="logratio"), 0.2 * r),
+        (dict(bonus="clip"), 0.2 * np.clip(r, -1.0, 1.0)),
+        (dict(bonus="clip", bonus_params={"clip_low": -1.0, "clip_high": 3.0}), 0.2 * np.clip(r, -1.0, 3.0)),
+        (dict(bonus="vmax", bonus_params={"v_max": 0.05}), 0.2 * np.clip(r, -0.5, 0.5)),
     ]
     for kw, want in cases:
         loss, m = xpo_jit_bonus(**x, alpha=0.2, beta=0.1, **kw)
@@ -443,15 +460,16 @@ def test_grads_match_finite_differences(loss_type):
         # bco_pair's default baseline is detached, which finite differences cannot see: fix it here
         # (test_bco_pair_baseline checks the detached default against this fixed-delta gradient).
         f = lambda a, b: dpo_loss(
-            a, b, beta=0.3, loss_type=loss_type, label_smoothing=0.1 if loss_type != "exo_pair" else 0.05,
-            ref_margins=jnp.asarray(ref_w - ref_l), bco_delta=0.25,
+            a, b, beta=0.3, loss_type=loss_type, ref_margins=jnp.asarray(ref_w - ref_l),
+            **params_for(loss_type, 0.1 if loss_type != "exo_pair" else 0.05, bco_delta=0.25),
         )
         check_grads(f, (jnp.asarray(hw), jnp.asarray(hl)), order=2, modes=["rev", "fwd"], atol=1e-6, rtol=1e-6)
         x = {k: (jnp.asarray(v, jnp.float64) if v.dtype != bool else jnp.asarray(v)) for k, v in make_xpo_inputs(8).items()}
 
         def g(pi_y, pi_ytilde):
             return xpo_loss(
-                **dict(x, pi_y=pi_y, pi_ytilde=pi_ytilde), alpha=0.01, beta=0.1, loss_type=loss_type, bco_delta=0.25
+                **dict(x, pi_y=pi_y, pi_ytilde=pi_ytilde), alpha=0.01, beta=0.1, loss_type=loss_type,
+                loss_params=params_for(loss_type, bco_delta=0.25),
             )[0]
 
         check_grads(g, (x["pi_y"], x["pi_ytilde"]), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
@@ -563,31 +581,27 @@ def test_bad_inputs_raise_clear_errors():
         xpo_loss(**dict(x, ref_y=x["ref_y"][:-1]), alpha=0.1, beta=0.1)
     with pytest.raises(TypeError, match="share a dtype"):
         xpo_loss(**dict(x, ref_ytilde=x["ref_ytilde"].astype(np.float16)), alpha=0.1, beta=0.1)
-    with pytest.raises(ValueError, match="clip needs ref_ytilde"):
-        xpo_bonus(x["pi_ytilde"], alpha=0.1, clip=1.0)
-    with pytest.raises(ValueError, match="clip"):
-        xpo_bonus(x["pi_ytilde"], alpha=0.1, ref_ytilde=x["ref_ytilde"], clip=0.0)
     pi, ref = x["pi_ytilde"], x["ref_ytilde"]
-    with pytest.raises(ValueError, match="clip needs ref_ytilde"):
-        xpo_bonus(pi, alpha=0.1, clip_high=1.0)
     with pytest.raises(ValueError, match=r"clip_low must be < clip_high, got clip_low=1.0, clip_high=-1.0"):
-        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=1.0, clip_high=-1.0)
+        xpo_bonus(pi, ref, alpha=0.1, beta=0.1, bonus="clip", clip_low=1.0, clip_high=-1.0)
     with pytest.raises(ValueError, match=r"clip_low must be < clip_high, got clip_low=0.5, clip_high=0.5"):
-        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=0.5, clip_high=0.5)
+        xpo_bonus(pi, ref, alpha=0.1, beta=0.1, bonus="clip", clip_low=0.5, clip_high=0.5)
     with pytest.raises(ValueError, match="clip_high must be finite, got inf"):
-        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_high=float("inf"))
+        xpo_bonus(pi, ref, alpha=0.1, beta=0.1, bonus="clip", clip_high=float("inf"))
     with pytest.raises(ValueError, match="clip_low must be finite, got nan"):
-        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=float("nan"))
-    with pytest.raises(ValueError, match=r"not both; got clip=1.0, clip_low=-0.5"):
-        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip=1.0, clip_low=-0.5)
-    with pytest.raises(AssertionError, match="clip_low must be a scalar"):
-        xpo_bonus(pi, alpha=0.1, ref_ytilde=ref, clip_low=np.zeros(2))
-    with pytest.raises(ValueError, match="not both"):
-        xpo_loss(**x, alpha=0.1, beta=0.1, bonus_clip=1.0, bonus_clip_high=2.0)
+        xpo_bonus(pi, ref, alpha=0.1, beta=0.1, bonus="clip", clip_low=float("nan"))
+    with pytest.raises(ValueError, match="clip_low must be a scalar"):
+        xpo_bonus(pi, ref, alpha=0.1, beta=0.1, bonus="clip", clip_low=np.zeros(2))
+    with pytest.raises(ValueError, match="'clip' has no hyperparameter 'clip'"):
+        xpo_bonus(pi, ref, alpha=0.1, beta=0.1, bonus="clip", clip=1.0)
+    with pytest.raises(ValueError, match="'vmax' needs a value for 'v_max'"):
+        xpo_bonus(pi, ref, alpha=0.1, beta=0.1, bonus="vmax")
+    with pytest.raises(ValueError, match="unknown bonus 'bounded'"):
+        xpo_loss(**x, alpha=0.1, beta=0.1, bonus="bounded")
     with pytest.raises(ValueError, match="clip_low must be < clip_high"):
-        xpo_loss(**x, alpha=0.1, beta=0.1, bonus_clip_low=2.0, bonus_clip_high=1.0)
-    with pytest.raises(TypeError, match="bonus_logratio must be a Python bool"):
-        jax.jit(lambda flag: xpo_loss(**x, alpha=0.1, beta=0.1, bonus_logratio=flag))(True)
+        xpo_loss(**x, alpha=0.1, beta=0.1, bonus="clip", bonus_params={"clip_low": 2.0, "clip_high": 1.0})
+    with pytest.raises(ValueError, match=r"'ipo' has no hyperparameter 'label_smoothing' \(its hyperparameters: none\)"):
+        xpo_loss(**x, alpha=0.1, beta=0.1, loss_type="ipo", loss_params={"label_smoothing": 0.1})
     with pytest.raises(ValueError, match=r"v_max must lie in \(0.0, inf\], got 0"):
         vmax_clip_bounds(0, 0.1)
     with pytest.raises(ValueError, match="beta"):
@@ -597,10 +611,88 @@ def test_bad_inputs_raise_clear_errors():
         dpo_loss(hw, hl, beta=0.1, loss_type="aot")
     with pytest.raises(AssertionError, match="one shape"):
         dpo_loss(hw, hl, beta=0.1, loss_type="aot", ref_margins=hw[:-1])
-    with pytest.raises(AssertionError, match="bco_delta must be a scalar"):
-        dpo_loss(hw, hl, beta=0.1, loss_type="bco_pair", bco_delta=np.zeros(B, np.float32))
-    with pytest.raises(ValueError, match="bco_delta must be finite"):
-        dpo_loss(hw, hl, beta=0.1, loss_type="bco_pair", bco_delta=float("nan"))
+    with pytest.raises(ValueError, match="delta must be a scalar"):
+        dpo_loss(hw, hl, beta=0.1, loss_type="bco_pair", delta=np.zeros(B, np.float32))
+    with pytest.raises(ValueError, match="delta must be finite"):
+        dpo_loss(hw, hl, beta=0.1, loss_type="bco_pair", delta=float("nan"))
+    with pytest.raises(ValueError, match=r"batch_baseline must lie in \[0.0, 1.0\]"):
+        dpo_loss(hw, hl, beta=0.1, loss_type="bco_pair", batch_baseline=1.5)
+    with pytest.raises(ValueError, match=r"tau must lie in \(0.0, inf\]"):
+        dpo_loss(hw, hl, beta=0.1, loss_type="discopop", tau=0.0)
     # Traced hyperparameters are not checked (no host round-trip) but still compute.
     out = jax.jit(lambda b: dpo_loss(hw, hl, beta=b))(0.1)
     assert np.all(np.isfinite(np.asarray(out)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The registries: a user's own loss and bonus form
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_builtin_loss_declares_its_hyperparameters():
+    declared = {name: dict(LOSSES.get(name).params) for name in LOSS_TYPES}
+    assert declared == {
+        "sigmoid": {"label_smoothing": 0.0}, "ipo": {}, "hinge": {}, "robust": {"label_smoothing": 0.0},
+        "exo_pair": {"label_smoothing": 0.0}, "nca_pair": {}, "sppo_hard": {},
+        "aot": {"label_smoothing": 0.0}, "aot_unpaired": {"label_smoothing": 0.0},
+        "bco_pair": {"batch_baseline": 1.0, "delta": 0.0}, "apo_zero": {}, "apo_down": {}, "discopop": {"tau": 0.05},
+    }
+    assert [name for name in LOSS_TYPES if LOSSES.get(name).needs_ref_margins] == ["aot"]
+
+
+def test_user_loss_by_decorator_and_by_module_function(tmp_path, monkeypatch):
+    @register_loss("test_margin_shift", overwrite=True)
+    def margin_shift(chosen, rejected, *, beta, gamma=0.5):
+        """-log sigmoid(beta Delta - gamma): DPO with a margin (SimPO's gamma without length norm)."""
+        return -jax.nn.log_sigmoid(beta * (chosen - rejected) - gamma)
+
+    assert "test_margin_shift" in LOSSES and LOSSES.get("test_margin_shift").params == {"gamma": 0.5}
+    hw, hl = make_logratios(20)
+    want = lambda g: -np_logsig(0.1 * (np.float64(hw) - np.float64(hl)) - g)
+    np.testing.assert_allclose(dpo_loss(hw, hl, beta=0.1, loss_type="test_margin_shift"), want(0.5), rtol=1e-6)
+    # Its hyperparameter is traced: one program for every gamma, and a vmap over it.
+    f = jax.jit(lambda g: dpo_loss(hw, hl, beta=0.1, loss_type="test_margin_shift", gamma=g))
+    for g in (0.0, 1.0, 2.5):
+        np.testing.assert_allclose(f(g), want(g), rtol=1e-5)
+    assert f._cache_size() == 1
+    np.testing.assert_allclose(jax.vmap(f)(jnp.array([0.0, 1.0])), np.stack([want(0.0), want(1.0)]), rtol=1e-5)
+    # Through xpo_loss as the round calls it.
+    x = make_xpo_inputs(21)
+    _, m = xpo_loss(**x, alpha=0.0, beta=0.1, loss_type="test_margin_shift", loss_params={"gamma": 1.0})
+    w = x["y_wins"]
+    h = {k: np.float64(x[a]) - np.float64(x[b]) for k, a, b in (("y", "pi_y", "ref_y"), ("yt", "pi_ytilde", "ref_ytilde"))}
+    np.testing.assert_allclose(m["loss/dpo"], -np_logsig(0.1 * (np.where(w, h["y"] - h["yt"], h["yt"] - h["y"])) - 1.0),
+                               rtol=1e-5)
+    # Unregistered, named as "module:function" (what --loss-type takes).
+    (tmp_path / "ourlosses.py").write_text(
+        "import jax\n\n"
+        "def hinge_sq(chosen, rejected, *, beta, margin=1.0):\n"
+        "    return jax.nn.relu(margin - beta * (chosen - rejected)) ** 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    term = resolve_loss("ourlosses:hinge_sq")
+    assert term.params == {"margin": 1.0}
+    got = dpo_loss(hw, hl, beta=0.1, loss_type="ourlosses:hinge_sq", margin=2.0)
+    np.testing.assert_allclose(got, np.maximum(2.0 - 0.1 * (np.float64(hw) - np.float64(hl)), 0) ** 2, rtol=1e-5)
+    # Clear errors, naming what is wrong.
+    with pytest.raises(ValueError, match="'test_margin_shift' has no hyperparameter 'gama'"):
+        dpo_loss(hw, hl, beta=0.1, loss_type="test_margin_shift", gama=1.0)
+    with pytest.raises(ValueError, match="cannot import 'nothing' from 'ourlosses'"):
+        resolve_loss("ourlosses:nothing")
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("sigmoid")(lambda a, b, *, beta: a)
+    with pytest.raises(ValueError, match="must take beta as a keyword-only argument"):
+        register_loss("test_no_beta", overwrite=True)(lambda a, b: a)
+
+
+def test_user_bonus_form_and_check_params():
+    @register_bonus("test_scaled_logratio", overwrite=True)
+    def scaled(pi_ytilde, ref_ytilde, *, beta, scale=2.0):
+        return scale * (pi_ytilde - ref_ytilde)
+
+    x = make_xpo_inputs(22)
+    _, m = xpo_loss(**x, alpha=0.1, beta=0.1, bonus="test_scaled_logratio", bonus_params={"scale": 3.0})
+    np.testing.assert_allclose(m["loss/xpo"], 0.1 * 3.0 * (np.float64(x["pi_ytilde"]) - x["ref_ytilde"]), rtol=1e-5)
+    # check_params runs a term's own range checks on concrete values (what TrainConfig.validate uses).
+    assert check_params(LOSSES.get("sigmoid"), {"label_smoothing": 0.2}) == {"label_smoothing": 0.2}
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0.0, 0.5\)"):
+        check_params(LOSSES.get("sigmoid"), {"label_smoothing": 0.7})

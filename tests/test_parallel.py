@@ -29,7 +29,9 @@ import numpy as np
 import pytest
 
 from common import flatten, hf_test_config, make_tiny_hf, max_diff, parallel_test_config
+from xpo_jax import distributed as dist
 from xpo_jax import parallel as par
+from xpo_jax.parallel import Layout
 from xpo_jax.checkpoint import Checkpointer
 from xpo_jax.run import build_run
 from xpo_jax.train import Trainer, make_train
@@ -85,77 +87,104 @@ def one_device(setup, tmp_path_factory):
 def test_make_mesh_shapes_and_errors():
     assert jax.device_count() == 8
     m = par.make_mesh()
-    assert dict(m.shape) == {"data": 8, "fsdp": 1}
+    assert dict(m.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in m.axis_types)
     m = par.make_mesh(fsdp=2)
-    assert dict(m.shape) == {"data": 4, "fsdp": 2}
+    assert dict(m.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert dict(par.make_mesh(fsdp=2, tensor=2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     m = par.make_mesh(2, 2, devices=jax.devices()[4:])
     assert [d.id for d in m.devices.flat] == [4, 5, 6, 7]
-    assert dict(par.make_mesh(1, 1, devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1}
-    with pytest.raises(ValueError, match="fsdp=3 does not divide"):
+    assert dict(par.make_mesh(1, 1, devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(ValueError, match="fsdp=3 x tensor=1 does not divide"):
         par.make_mesh(fsdp=3)
     with pytest.raises(ValueError, match="devices=jax.devices"):
         par.make_mesh(2, 2)
+    with pytest.raises(ValueError, match="tensor must be an int >= 1, got 0"):
+        par.make_mesh(tensor=0)
 
 
-def test_fsdp_spec_rule():
+def spec(layout, path, shape):
+    return layout.param_spec(tuple(jax.tree_util.DictKey(k) for k in path.split("/")), shape)
+
+
+def test_parameter_rules_fsdp_and_tensor():
     P = jax.sharding.PartitionSpec
-    assert par.fsdp_spec((32, 64), 2) == P(None, "fsdp")  # largest dim
-    assert par.fsdp_spec((64, 32), 2) == P("fsdp", None)
-    assert par.fsdp_spec((32, 32), 2) == P("fsdp", None)  # tie: first
-    assert par.fsdp_spec((96, 64), 64) == P(None, "fsdp")  # largest divisible
-    assert par.fsdp_spec((7, 32), 2) == P()  # small: replicated
-    assert par.fsdp_spec((7, 32), 2, min_size=0) == P(None, "fsdp")
-    assert par.fsdp_spec((32,), 2, min_size=0) == P()  # 1-D: replicated
-    assert par.fsdp_spec((33, 35), 2, min_size=0) == P()  # nothing divisible
-    assert par.fsdp_spec((32, 64), 1) == P()
+    fs = lambda shape, n, **kw: P(*par.fsdp_spec(shape, n, **kw))
+    assert fs((32, 64), 2) == P(None, "fsdp")  # largest dim
+    assert fs((64, 32), 2) == P("fsdp", None)
+    assert fs((32, 32), 2) == P("fsdp", None)  # tie: first
+    assert fs((96, 64), 64) == P(None, "fsdp")  # largest divisible
+    assert fs((7, 32), 2) == P(None, None)  # small: replicated
+    assert fs((7, 32), 2, min_size=0) == P(None, "fsdp")
+    assert fs((32,), 2, min_size=0) == P(None)  # 1-D: replicated
+    assert fs((33, 35), 2, min_size=0) == P(None, None)  # nothing divisible
+    assert fs((32, 64), 1) == P(None, None)
+    assert fs((4, 32, 64), 2, stacked=True) == P(None, None, "fsdp")  # never the layer axis
+    # Megatron over "tensor", then FSDP on what remains (2 x 2 x 2 mesh).
+    lay = Layout(par.make_mesh(2, 2, 2))
+    assert spec(lay, "model/layers_0/self_attn/q_proj/kernel", (32, 64)) == P("fsdp", "tensor")  # columns
+    assert spec(lay, "model/layers_0/self_attn/o_proj/kernel", (64, 32)) == P("tensor", "fsdp")  # rows
+    assert spec(lay, "model/layers_0/mlp/up_proj/kernel", (32, 128)) == P("fsdp", "tensor")
+    assert spec(lay, "model/layers_0/mlp/down_proj/kernel", (128, 32)) == P("tensor", "fsdp")
+    assert spec(lay, "model/embed_tokens/embedding", (64, 32)) == P("tensor", "fsdp")  # the vocabulary
+    assert spec(lay, "lm_head/kernel", (32, 64)) == P("fsdp", "tensor")
+    assert spec(lay, "model/layers/self_attn/q_proj/kernel", (2, 32, 64)) == P(None, "fsdp", "tensor")  # stacked
+    assert spec(lay, "model/layers_0/self_attn/q_proj/bias", (64,)) == P()  # biases and norms replicated
+    assert spec(lay, "model/layers_0/input_layernorm/scale", (32,)) == P()
+    assert spec(lay, "model/layers_0/self_attn/k_proj/kernel", (32, 3)) == P()  # 3 columns: not split by 2
+    assert spec(lay, "score/kernel", (32, 1)) == P()
 
 
 def test_state_shardings_follow_params(setup):
-    mesh = par.make_mesh(4, 2)
-    state = par.shard_state(setup["state0"], mesh)
+    layout = Layout(par.make_mesh(4, 2))
+    state = layout.place(setup["state0"], layout.state(setup["state0"]))
     P = jax.sharding.PartitionSpec
     down = ("model", "layers_0", "mlp", "down_proj", "kernel")
     get = lambda t: t[down[0]][down[1]][down[2]][down[3]][down[4]]
-    assert get(state.params).sharding.spec == P("fsdp", None)
-    assert get(state.ref_params).sharding.spec == P("fsdp", None)
+    assert get(state.params).sharding.spec == P("fsdp")
+    assert get(state.ref_params).sharding.spec == P("fsdp")
     adam = [s for s in jax.tree_util.tree_leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")][0]
-    assert get(adam.mu).sharding.spec == P("fsdp", None) and get(adam.nu).sharding.spec == P("fsdp", None)
+    assert get(adam.mu).sharding.spec == P("fsdp") and get(adam.nu).sharding.spec == P("fsdp")
     assert state.params["lm_head"]["kernel"].sharding.spec == P()  # 32 x 7: small
     assert state.rng.sharding.spec == P() and state.hparams.alpha.sharding.spec == P()
     shard = get(state.params).addressable_shards[0]
     assert shard.data.shape == (32, 32)  # each device holds half of a sharded weight
 
 
-def test_host_batch_slice_shard_batch_and_local_rows():
-    mesh = par.make_mesh(4, 2)
-    assert par.host_batch_slice(mesh, 16) == slice(0, 16)  # one process holds every row
+def test_host_rows_shard_batch_and_local_rows():
+    layout = Layout(par.make_mesh(4, 2))
+    assert layout.host_rows(16) == slice(0, 16)  # one process holds every row
     x = np.arange(16 * 3).reshape(16, 3)
-    g = par.shard_batch(mesh, x)
+    g = layout.shard_batch(x)
     assert g.shape == (16, 3) and g.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
     assert {s.data.shape for s in g.addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(g), x)
     np.testing.assert_array_equal(par.local_rows(g), x)
-    with pytest.raises(ValueError, match="not divisible"):
-        par.host_batch_slice(mesh, 12)
+    with pytest.raises(ValueError, match="--batch-size=12 must be divisible by the mesh's 8 batch shards"):
+        layout.host_rows(12)
+    # With a tensor axis, the rows split over data x fsdp only; every tensor device holds them whole.
+    lay = Layout(par.make_mesh(2, 2, 2))
+    assert lay.batch_shards == 4
+    g = lay.shard_batch(x[:8])
+    assert {s.data.shape for s in g.addressable_shards} == {(2, 3)}
 
 
 def test_initialize_distributed_errors(monkeypatch):
     for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(v, raising=False)
     with pytest.raises(ValueError, match="host:port"):
-        par.initialize_distributed("localhost", 2, 0)
+        dist.initialize_distributed("localhost", 2, 0)
     with pytest.raises(ValueError, match="must be < num_processes"):
-        par.initialize_distributed("localhost:1234", 2, 2)
+        dist.initialize_distributed("localhost:1234", 2, 2)
     with pytest.raises(ValueError, match="process_id not given"):
-        par.initialize_distributed("localhost:1234", 2)
+        dist.initialize_distributed("localhost:1234", 2)
     monkeypatch.setenv("JAX_PROCESS_ID", "x")
     with pytest.raises(ValueError, match="not an integer"):
-        par.initialize_distributed("localhost:1234", 2)
+        dist.initialize_distributed("localhost:1234", 2)
     monkeypatch.delenv("JAX_PROCESS_ID")
     jax.devices()  # the backend is up in this process: too late to join a distributed run
     with pytest.raises(RuntimeError, match="must run before"):
-        par.initialize_distributed("localhost:1234", 2, 0)
+        dist.initialize_distributed("localhost:1234", 2, 0)
 
 
 def test_mesh_and_batch_errors_come_before_building(setup, tmp_path):
@@ -163,12 +192,14 @@ def test_mesh_and_batch_errors_come_before_building(setup, tmp_path):
 
     cfg = dataclasses.replace(setup["cfg"], run_dir=str(tmp_path), batch_size=12)
     t0 = time.perf_counter()
-    with pytest.raises(ValueError, match="--batch-size=12 must be divisible by the mesh's 8 devices"):
+    with pytest.raises(ValueError, match="--batch-size=12 must be divisible by the mesh's 8 batch shards"):
         Trainer(cfg, mesh=par.make_mesh(4, 2))
     with pytest.raises(ValueError, match="--batch-size"):
         Trainer(dataclasses.replace(cfg, data=4, fsdp=2))
-    with pytest.raises(ValueError, match="--data=3 x --fsdp=2 = 6 devices, but 8"):
+    with pytest.raises(ValueError, match="--data=3 x --fsdp=2 x --tensor=1 = 6 devices, but 8"):
         Trainer(dataclasses.replace(cfg, batch_size=12, data=3, fsdp=2))
+    with pytest.raises(ValueError, match="--batch-size=12 must be divisible by the mesh's 8 batch shards"):
+        Trainer(dataclasses.replace(cfg, data=2, fsdp=4, tensor=1))
     assert time.perf_counter() - t0 < 2.0
     assert not os.listdir(tmp_path)
 
@@ -189,18 +220,28 @@ def test_trainer_on_4x2_mesh_matches_one_device(setup, one_device, tmp_path):
     assert max_diff(t.state.opt_state, one_device["trainer"].state.opt_state) <= PARAM_ATOL
     kernel = t.state.params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
-    assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 2}
+    assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+
+
+def test_trainer_on_2x2x2_mesh_with_tensor_matches_one_device(setup, one_device, tmp_path):
+    """data 2 x fsdp 2 x tensor 2: Megatron splits over "tensor" change nothing but where the
+    arithmetic runs: the same metrics and parameters as one device."""
+    t, rows = train_on(setup, par.make_mesh(2, 2, 2), tmp_path)
+    assert_same_metrics(rows, one_device["rows"])
+    assert max_diff(t.state.params, one_device["trainer"].state.params) <= PARAM_ATOL
+    kernel = t.state.params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
 
 def test_resume_onto_other_mesh_shapes(setup, one_device, tmp_path):
-    """A 4x2 run stopped after round 1 resumes on 8x1 (and the one-device run's round-1
-    checkpoint on 8x1 too, from a copied run folder): the same final parameters, every round
-    logged once."""
+    """A 4x2 run stopped after round 1 resumes on data 2 x fsdp 2 x tensor 2 (and the one-device
+    run's round-1 checkpoint on 8x1, from a copied run folder): the same final parameters, every
+    round logged once."""
     import dataclasses
 
     cfg = dataclasses.replace(setup["cfg"], run_dir=str(tmp_path), name="m")
     Trainer(cfg, mesh=par.make_mesh(4, 2), run=setup["run"]).run(stop_after=1)
-    resumed = Trainer(dataclasses.replace(cfg, resume=True), mesh=par.make_mesh(8, 1), run=setup["run"])
+    resumed = Trainer(dataclasses.replace(cfg, resume=True), mesh=par.make_mesh(2, 2, 2), run=setup["run"])
     resumed.run()
     assert max_diff(resumed.state.params, one_device["trainer"].state.params) <= PARAM_ATOL
     assert [r["round"] for r in rows_of(tmp_path / "m")] == [1, 2]
@@ -229,63 +270,15 @@ def test_sharded_sampling_draws_the_one_device_tokens(setup):
     run = setup["run"]
     prompts, mask = jax.device_get(run.prompts.batch(run.data_key(setup["key"]), 0))
     tokens = []
-    for mesh in (par.make_mesh(1, 1, devices=jax.devices()[:1]), par.make_mesh(4, 2)):
-        st = par.state_shardings(run.state_shapes(), mesh)
-        bs = par.batch_sharding(mesh)
+    for mesh in (par.make_mesh(1, 1, devices=jax.devices()[:1]), par.make_mesh(4, 2), par.make_mesh(2, 2, 2)):
+        layout = Layout(mesh)
+        st, bs = layout.state(run.state_shapes()), layout.batch
         f = jax.jit(run.fns.make_pairs, in_shardings=(st, bs, bs))
-        _, pairs = f(par.shard_state(setup["state0"], mesh), *par.shard_batch(mesh, prompts, mask))
+        _, pairs = f(layout.place(setup["state0"], st), *layout.shard_batch(prompts, mask))
         tokens.append((np.asarray(pairs.y.tokens), np.asarray(pairs.yt.tokens)))
-    np.testing.assert_array_equal(tokens[0][0], tokens[1][0])
-    np.testing.assert_array_equal(tokens[0][1], tokens[1][1])
-
-
-# -- pmap, for code that still uses it --------------------------------------------------------
-
-
-def test_pmap_update_on_identical_pairs(setup, one_device):
-    run = setup["run"]
-    pm = par.pmap_round(run)
-    n = len(pm.devices)
-    assert n == 8
-    make_pairs, oracle, update = jax.jit(run.fns.make_pairs), jax.jit(run.oracle), jax.jit(run.fns.update)
-    one, rep = setup["state0"], par.replicate(setup["state0"], n)
-    data_key = run.data_key(setup["key"])
-    for r in range(ROUNDS):
-        prompts, mask = run.prompts.batch(data_key, r)
-        one, pairs = make_pairs(one, prompts, mask)  # the one-device round, in its halves
-        judgement = oracle(pairs.judge_key, pairs.prompts, pairs.prompt_mask, pairs.y.tokens, pairs.y.mask,
-                           pairs.yt.tokens, pairs.yt.mask)
-        one, _ = update(one, pairs, judgement)
-        pairs, judgement = jax.device_get((pairs, judgement))  # uncommitted: pmap places them itself
-        split_pairs = par.split_batch(pairs._replace(judge_key=None), n)._replace(
-            judge_key=jnp.zeros((n, 2), jnp.uint32))  # unused by update
-        rep, metrics = pm.update(rep, split_pairs, par.split_batch(judgement, n))
-    assert max_diff(one.params, one_device["trainer"].state.params) <= PARAM_ATOL
-    assert max_diff(par.unreplicate(rep.params), one_device["trainer"].state.params) <= PARAM_ATOL
-    leaves = jax.tree_util.tree_leaves(rep.params)
-    assert all(float(jnp.max(jnp.abs(x - x[0]))) == 0.0 for x in leaves)  # every device the same
-    np.testing.assert_allclose(np.asarray(metrics["loss"]), float(metrics["loss"][0]))
-
-
-def test_pmap_round_greedy_matches_one_device(setup):
-    """Temperature 0: no sampling noise, so pmap's fused round must equal the one-device round."""
-    run = setup["run"]
-    hp = run.hparams().replace(temperature=jnp.float32(0.0))
-    state0 = run.init_state(setup["key"], hp)
-    pm = par.pmap_round(run)
-    n = len(pm.devices)
-    one_round = jax.jit(run.fns.round_fn)
-    one, rep = state0, par.replicate(state0, n)
-    data_key = run.data_key(setup["key"])
-    for r in range(ROUNDS):
-        prompts, mask = run.prompts.batch(data_key, r)
-        one, m1 = one_round(one, prompts, mask, run.oracle)
-        rep, mp = pm.round_fn(rep, *par.split_batch((prompts, mask), n))
-    assert max_diff(one.params, state0.params) > 100 * PARAM_ATOL
-    assert max_diff(par.unreplicate(rep.params), one.params) <= PARAM_ATOL
-    np.testing.assert_allclose(float(mp["task/reward"][0]), float(m1["task/reward"]), rtol=1e-6)
-    rng = np.asarray(rep.rng)
-    assert (rng == rng[0]).all()  # the shared key stays replicated
+    for other in tokens[1:]:
+        np.testing.assert_array_equal(tokens[0][0], other[0])
+        np.testing.assert_array_equal(tokens[0][1], other[1])
 
 
 # -- two real processes -----------------------------------------------------------------------

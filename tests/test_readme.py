@@ -42,8 +42,21 @@ def test_python_block_runs(i, tmp_path, monkeypatch):
     exec(compile(PYTHON_BLOCKS[i], f"README.md python block {i}", "exec"), {"__name__": f"readme_{i}"})
 
 
+# The user's module the README's "Your own loss" commands name (`--loss-type mylosses:margin_dpo`).
+MYLOSSES = """
+import jax
+
+
+def margin_dpo(chosen_logratios, rejected_logratios, *, beta, gamma=0.5):
+    return -jax.nn.log_sigmoid(beta * (chosen_logratios - rejected_logratios) - gamma)
+"""
+
+
 @pytest.mark.parametrize("cmd", command_lines())
-def test_command_line_parses_and_validates(cmd):
+def test_command_line_parses_and_validates(cmd, tmp_path, monkeypatch):
+    (tmp_path / "mylosses.py").write_text(MYLOSSES)
+    monkeypatch.chdir(tmp_path)  # as the README says: mylosses.py next to where you run
+    monkeypatch.syspath_prepend(str(tmp_path))
     argv = shlex.split(cmd.replace("$i", "0"))[1:]  # the shell loop's process id
     if "--help" in argv:
         with pytest.raises(SystemExit) as e:

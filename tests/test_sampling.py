@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xpo_jax.models import Transformer, get_config, init_params
 from xpo_jax.sampling import (Completions, _sample_jit, categorical_inverse_cdf, filter_logits,
-                              make_step_fns, sample)
+                              sample)
 
 ATOL = 1e-5
 CONFIG = get_config("test", init_std=0.3)  # logits far from uniform
@@ -338,20 +338,6 @@ def test_sharded_batch_equals_unsharded(setup):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.mask, want.mask)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=ATOL)
-
-
-def test_step_fns_donate_the_cache(setup):
-    model, params, prompts, mask, forward = setup
-    prefill, decode = make_step_fns(model.apply)
-    cache = model.apply({"params": params}, B, P + 2, method="init_cache")
-    logits, cache2 = prefill(params, prompts, mask, cache)
-    assert cache.k[0].is_deleted(), "prefill should donate the cache it was given"
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
-    logits2, cache3 = decode(params, tok, cache2)
-    assert cache2.k[0].is_deleted() and not cache3.k[0].is_deleted()
-    full = np.asarray(forward(np.concatenate([prompts, np.asarray(tok)[:, None]], 1),
-                              np.concatenate([mask, np.ones((B, 1), np.int32)], 1)))
-    np.testing.assert_allclose(logits2, full[:, -1], atol=ATOL)
 
 
 # ------------------------------------------------------------------------------------------

@@ -623,7 +623,7 @@ def test_every_ingredient_of_the_cache_key_changes_it(monkeypatch):
     digests = {name: digest(task) for name, task in variants.items()}
     digests["key"] = tasks.reference_digest(base, jax.random.key(1))
     with monkeypatch.context() as mp:  # a function the demonstrations call, through a global
-        mp.setattr(coverage_module, "_pick_prompts", lambda *a: None)
+        mp.setattr(coverage_module, "pick_prompts", lambda *a: None)
         digests["a global function"] = digest(base)
     with monkeypatch.context() as mp:  # the code that trains (model, reference.py, logprobs.py)
         mp.setattr(reference_module, "_code_version", lambda model_class: "edited")

@@ -57,7 +57,7 @@ def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
 
 def _join_distributed(args) -> None:
     if args.distributed or any(v is not None for v in (args.coordinator_address, args.num_processes, args.process_id)):
-        from xpo_jax.parallel import initialize_distributed
+        from xpo_jax.distributed import initialize_distributed
 
         info = initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         print(f"process {info['process_index']} of {info['process_count']}: {info['local_device_count']} local "
@@ -132,23 +132,53 @@ def parse_ints(s: str) -> list:
     return out
 
 
+def parse_param_values(s: str) -> tuple[str, list]:
+    """"gamma=0,0.5,1" -> ("gamma", [0.0, 0.5, 1.0]): one swept --loss-param / --bonus-param."""
+    name, eq, values = s.partition("=")
+    if not eq or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected name=v1,v2,..., got {s!r}")
+    return name.strip(), parse_floats(values)
+
+
+def _swept_params(pairs: Optional[list], flag: str) -> tuple[dict, dict]:
+    """({name: values} swept, {name: value} fixed) of the repeated --loss-param / --bonus-param."""
+    swept: dict = {}
+    for name, values in pairs or []:
+        if name in swept:
+            raise ValueError(f"{flag} {name} given twice")
+        if not values:
+            raise ValueError(f"{flag} {name}=: no values")
+        swept[name] = values
+    return ({k: v for k, v in swept.items() if len(v) > 1}, {k: v[0] for k, v in swept.items() if len(v) == 1})
+
+
 def _sweep(args) -> int:
+    import dataclasses
+
     from xpo_jax.config import TrainConfig, config_from_args
-    from xpo_jax.sweep import make_grid, sweep, sweep_config
+    from xpo_jax.sweeps import make_grid, sweep, sweep_config
 
     cfg = config_from_args(args, base=TrainConfig(name="sweep"))
     try:
-        cfg = sweep_config(cfg)
+        loss_grid, loss_fixed = _swept_params(args.loss_param, "--loss-param")
+        bonus_grid, bonus_fixed = _swept_params(args.bonus_param, "--bonus-param")
+        cfg = dataclasses.replace(cfg, loss_params=loss_fixed, bonus_params=bonus_fixed)
         alphas = args.alphas if args.alphas is not None else [cfg.alpha]
         betas = args.betas if args.betas is not None else [cfg.beta]
         seeds = args.seeds if args.seeds is not None else [cfg.seed]
         mixes = args.mixes if args.mixes is not None else [cfg.exploration_mix]
-        make_grid(alphas, betas, seeds, mixes)
+        cfg = sweep_config(cfg, mixes)
+        make_grid(alphas, betas, seeds, mixes, loss_grid, bonus_grid)
+        for flag, grid in (("loss_params", loss_grid), ("bonus_params", bonus_grid)):
+            for name, values in grid.items():
+                for v in values:
+                    cfg.check_hyperparameters(**{flag: {name: v}})
         if args.grid_devices < 0:
             raise ValueError(f"--grid-devices={args.grid_devices}: must be >= 0")
     except ValueError as e:
         return _error("sweep", e)
     import jax
+    import numpy as np
 
     from xpo_jax.reporting import summary_table, write_sweep_outputs
 
@@ -156,17 +186,19 @@ def _sweep(args) -> int:
     if args.grid_devices > len(local):
         return _error("sweep", ValueError(f"--grid-devices={args.grid_devices} but only {len(local)} local devices"))
     devices = local[: args.grid_devices or len(local)]
-    G = len(alphas) * len(betas) * len(mixes) * len(seeds)
-    print(f"sweep: {len(alphas)} alphas x {len(betas)} betas x {len(mixes)} mixes x {len(seeds)} seeds = {G} runs "
-          f"of {cfg.rounds} rounds "
+    swept = {"alphas": alphas, "betas": betas, "mixes": mixes, **loss_grid, **bonus_grid, "seeds": seeds}
+    G = int(np.prod([len(v) for v in swept.values()]))
+    print(f"sweep: {' x '.join(f'{len(v)} {k}' for k, v in swept.items())} = {G} runs of {cfg.rounds} rounds "
           f"on {cfg.task}, one program on {len(devices)} {devices[0].platform} device(s)", flush=True)
     t0 = time.perf_counter()
-    final, curves = sweep(cfg, alphas, betas, seeds, mixes=mixes, devices=devices if len(devices) > 1 else None)
+    final, curves = sweep(cfg, alphas, betas, seeds, mixes=mixes, loss_params=loss_grid, bonus_params=bonus_grid,
+                          devices=devices if len(devices) > 1 else None)
     seconds = time.perf_counter() - t0
     out = os.path.join(cfg.run_dir, cfg.name)
     paths = write_sweep_outputs(out, cfg, final, curves, info={
-        "alphas": alphas, "betas": betas, "mixes": mixes, "seeds": seeds, "seconds": seconds, "devices": len(devices),
-        "platform": devices[0].platform,
+        "alphas": alphas, "betas": betas, "mixes": mixes, "loss_params": loss_grid, "bonus_params": bonus_grid,
+        "seeds": seeds, "seconds": seconds, "devices": len(devices), "platform": devices[0].platform,
+        "compiled_programs": final.pop("compiled_programs"),
     })
     print(summary_table(final))
     print(f"{G} runs in {seconds:.1f} s (compile included); wrote {', '.join(paths.values())}")
@@ -199,8 +231,7 @@ def _demo(args) -> int:
     hw, hl = pi_y - ref_y, pi_yt - ref_yt
     print("dpo_loss by loss_type (beta=0.1):")
     for lt in LOSS_TYPES:
-        extra = {"ref_margins": ref_y - ref_yt} if lt == "aot" else {}
-        print(f"  {lt:12s} {float(dpo_loss(hw, hl, beta=0.1, loss_type=lt, **extra).mean()): .6f}")
+        print(f"  {lt:12s} {float(dpo_loss(hw, hl, beta=0.1, loss_type=lt, ref_margins=ref_y - ref_yt).mean()): .6f}")
     return 0
 
 
@@ -221,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_flags(t)
     t.set_defaults(func=_train)
     s = sub.add_parser(
-        "sweep", help="alpha x beta x seed grid of online runs as one vmapped program",
-        description="Run every (alpha, beta, seed) cell of an online XPO run in one compiled program "
-                    "(jax.vmap of the pure train) and write <run-dir>/<name>/sweep.csv, heatmap.png, "
-                    "curves.png, curves.npz and sweep.json.",
+        "sweep", help="alpha x beta x lambda x loss-hyperparameter x seed grid of online runs as one vmapped program",
+        description="Run every (alpha, beta, mix, loss and bonus hyperparameters, seed) cell of an online XPO run in "
+                    "one compiled program (jax.vmap of the pure train) and write <run-dir>/<name>/sweep.csv, "
+                    "heatmap.png, curves.png, curves.npz and sweep.json.",
     )
     s.add_argument("--alphas", type=parse_floats, default=None, help="comma-separated (default: --alpha)")
     s.add_argument("--betas", type=parse_floats, default=None, help="comma-separated (default: --beta)")
@@ -232,9 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exploration mixes lambda = P(y~ from pi_ref), comma-separated: 1 = XPO / reference-sampling "
                         "DPO, 0 = online DPO (default: --exploration-mix)")
     s.add_argument("--seeds", type=parse_ints, default=None, help="e.g. 0-7 or 0,3,5 (default: --seed)")
+    s.add_argument("--loss-param", type=parse_param_values, action="append", default=None, metavar="NAME=V1,V2",
+                   help="a hyperparameter of --loss-type: one value, or several (a grid axis); repeat the flag")
+    s.add_argument("--bonus-param", type=parse_param_values, action="append", default=None, metavar="NAME=V1,V2",
+                   help="a hyperparameter of --bonus: one value, or several (a grid axis); repeat the flag")
     s.add_argument("--grid-devices", type=int, default=0,
                    help="shard the grid over this many local devices (0 = all; 1 = no sharding)")
-    add_config_flags(s)
+    add_config_flags(s, skip=("loss_params", "bonus_params"))
     s.set_defaults(func=_sweep)
     d = sub.add_parser("demo", help="evaluate the XPO and DPO-family losses on random inputs")
     d.add_argument("--seed", type=int, default=0)

@@ -10,9 +10,8 @@ import re
 import typing
 from typing import Optional
 
-from xpo_jax.losses import LOSS_TYPES
+from xpo_jax.losses import BONUSES, LOSSES, REQUIRED, check_params, resolve_bonus, resolve_loss
 
-BONUS_FORMS = ("logprob", "logratio", "clip", "vmax")
 FLOAT_DTYPES = ("float32", "bfloat16")
 REMAT_MODES = ("none", "block", "matmuls")
 EXPLORATION_SAMPLING = ("auto", "mixture")
@@ -30,6 +29,7 @@ class TrainConfig:
     task: str = "hard-explore"  # built-in task (xpo_jax.tasks.TASKS) or "module:attribute"
     data: Optional[int] = None  # mesh: data-parallel size (None: all devices / --fsdp, or 1 device when --fsdp is 1)
     fsdp: int = 1  # mesh: large weights split over this many devices (the batch over data x fsdp)
+    tensor: int = 1  # mesh: tensor-parallel size (attention heads, MLP hidden units and the vocabulary split over it)
     rounds: int = 200  # online rounds (sample, judge, update)
     seed: int = 0  # seeds the policy's sampling, the oracle and the replay draws
     reference_seed: int = 0  # seeds the reference policy's fine-tune
@@ -51,12 +51,10 @@ class TrainConfig:
     alpha_end: Optional[float] = None  # linear schedule to this value at the last round
     beta: float = 0.1  # KL strength of the DPO loss
     beta_end: Optional[float] = None  # linear schedule to this value at the last round
-    loss_type: str = "sigmoid"  # DPO-family loss (xpo_jax.losses.LOSS_TYPES)
-    label_smoothing: float = 0.0  # for sigmoid / robust / exo_pair / aot / aot_unpaired
-    bonus: str = "clip"  # XPO bonus on y~: logprob (TRL: log pi), logratio (log pi/pi_ref), clip, vmax
-    bonus_clip_low: float = -1.0  # bonus=clip: lower bound of log pi/pi_ref(y~)
-    bonus_clip_high: float = 1.0  # bonus=clip: upper bound of log pi/pi_ref(y~)
-    bonus_v_max: Optional[float] = None  # bonus=vmax: clip to [-V_max/beta, V_max/beta] (None: the task's reward range)
+    loss_type: str = "sigmoid"  # DPO-family loss: a name of xpo_jax.losses.LOSSES or module:function
+    loss_params: dict = dataclasses.field(default_factory=dict)  # the loss's hyperparameters, --loss-param name=value (repeat the flag)
+    bonus: str = "clip"  # XPO bonus on y~: logprob (TRL: log pi), logratio (log pi/pi_ref), clip, vmax, or module:function
+    bonus_params: dict = dataclasses.field(default_factory=dict)  # the bonus form's hyperparameters, --bonus-param name=value (clip: clip_low=-1, clip_high=1; vmax: v_max, default the task's reward range)
     exploration_mix: float = 1.0  # lambda: y~ from pi_ref with this probability, else from pi_t (1 = XPO Alg. 1, 0 = online DPO)
     exploration_sampling: str = "auto"  # auto (cheap paths for mix 0 / 1) or mixture (always the traced mixture: sweeps)
     # -- sampling -------------------------------------------------------------------------
@@ -115,7 +113,7 @@ class TrainConfig:
         for f in ("eval_every", "checkpoint_every", "warmup_rounds", "replay_capacity", "replay_batch_size", "top_k"):
             if getattr(self, f) < 0:
                 bad(f, "must be >= 0")
-        for f in ("alpha", "alpha_end", "label_smoothing", "weight_decay", "max_grad_norm", "temperature"):
+        for f in ("alpha", "alpha_end", "weight_decay", "max_grad_norm", "temperature"):
             v = getattr(self, f)
             if v is not None and not (v >= 0 and v < float("inf")):
                 bad(f, "must be finite and >= 0")
@@ -125,25 +123,13 @@ class TrainConfig:
                 bad(f, "must be finite and > 0")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if self.label_smoothing >= 0.5:
-            bad("label_smoothing", "must be < 0.5")
         for f in ("compute_dtype", "param_dtype", "ref_dtype", "reward_dtype"):
             v = getattr(self, f)
             if v is not None and v not in FLOAT_DTYPES:
                 bad(f, f"expected one of {', '.join(FLOAT_DTYPES)}")
         if self.remat not in REMAT_MODES:
             bad("remat", f"expected one of {', '.join(REMAT_MODES)}")
-        if self.bonus not in BONUS_FORMS:
-            bad("bonus", f"expected one of {', '.join(BONUS_FORMS)}")
-        for f in ("bonus_clip_low", "bonus_clip_high"):
-            if not math.isfinite(getattr(self, f)):
-                bad(f, "must be finite")
-        if not self.bonus_clip_low < self.bonus_clip_high:
-            bad("bonus_clip_high", f"must be > --bonus-clip-low={self.bonus_clip_low}")
-        if self.bonus_v_max is not None and not (self.bonus_v_max > 0 and math.isfinite(self.bonus_v_max)):
-            bad("bonus_v_max", "must be finite and > 0")
-        if self.bonus == "vmax" and self.bonus_v_max is None and self.policy is not None:
-            bad("bonus", "vmax needs --bonus-v-max with --policy (a reward model has no known range)")
+        self._check_terms(bad)
         if not 0.0 <= self.exploration_mix <= 1.0:
             bad("exploration_mix", "must be in [0, 1] (the probability that y~ comes from pi_ref)")
         if self.exploration_sampling not in EXPLORATION_SAMPLING:
@@ -156,8 +142,6 @@ class TrainConfig:
             bad("missing_eos_penalty", "must be >= 0 (it is subtracted from the score)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             bad("max_new_tokens", "must be >= 1")
-        if self.loss_type not in LOSS_TYPES:
-            bad("loss_type", f"expected one of {', '.join(LOSS_TYPES)}")
         if self.batch_size % self.micro_batches:
             bad("micro_batches", f"must divide --batch-size={self.batch_size}")
         if self.replay_batch_size and not self.replay_capacity:
@@ -174,12 +158,17 @@ class TrainConfig:
             bad("fsdp", "must be >= 1")
         if self.data is not None and self.data < 1:
             bad("data", "must be >= 1 (or unset: all devices / --fsdp)")
-        if self.data is not None and self.batch_size % (self.data * self.fsdp):
-            bad("batch_size", f"must be divisible by --data x --fsdp = {self.data * self.fsdp} (rows are split over the mesh)")
+        if self.tensor < 1:
+            bad("tensor", "must be >= 1")
         if self.resume and self.overwrite:
             bad("overwrite", "contradicts --resume (continue the run, or delete it and start afresh: pick one)")
         if self.replay_capacity and self.replay_capacity < self.batch_size:
             bad("replay_capacity", f"must be 0 or >= --batch-size={self.batch_size} (a round inserts a batch)")
+        self._check_inputs(bad)
+
+    def _check_inputs(self, bad) -> None:
+        """Where prompts and rewards come from: a task, or HF checkpoints with their prompt files and
+        held-out evaluation."""
         if not 0.0 <= self.eval_fraction < 1.0:
             bad("eval_fraction", "must be in [0, 1) (the fraction of --prompts held out for evaluation)")
         if self.eval_fraction and self.eval_prompts is not None:
@@ -188,8 +177,6 @@ class TrainConfig:
             bad("eval_temperature", "must be finite and >= 0 (0 = greedy)")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             bad("eval_batch_size", "must be >= 1 (or unset: --batch-size)")
-        if self.eval_batch_size is not None and self.data is not None and self.eval_batch_size % (self.data * self.fsdp):
-            bad("eval_batch_size", f"must be divisible by --data x --fsdp = {self.data * self.fsdp} (rows are split over the mesh)")
         if self.eval_samples < 0:
             bad("eval_samples", "must be >= 0")
         if self.eval_reward_model is not None and self.eval_prompts is None and not self.eval_fraction:
@@ -213,6 +200,54 @@ class TrainConfig:
             resolve_task(self.task)
         except ValueError as e:
             bad("task", f"expected one of {', '.join(sorted(TASKS))} or module:attribute ({e})")
+
+    def _check_terms(self, bad) -> None:
+        """The loss and the bonus form resolve, and their hyperparameters are theirs and in range."""
+        for field, params_field, resolve, registry in (("loss_type", "loss_params", resolve_loss, LOSSES),
+                                                       ("bonus", "bonus_params", resolve_bonus, BONUSES)):
+            params = getattr(self, params_field)
+            if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+                raise ValueError(f"--{params_field.replace('_params', '-param')}: {params!r} is not a mapping of "
+                                 "hyperparameter names to numbers")
+            try:
+                resolve(getattr(self, field))
+            except ValueError as e:
+                names = ", ".join(registry.names())
+                why = f" ({e})" if ":" in str(getattr(self, field)) else ""
+                bad(field, f"expected one of {names} or module:function{why}")
+        self.check_hyperparameters()
+
+    def check_hyperparameters(self, loss_params: Optional[dict] = None, bonus_params: Optional[dict] = None) -> None:
+        """ValueError naming the flag unless the loss's and the bonus form's hyperparameters (cfg's,
+        updated by the given ones) are theirs, finite and in range: each term's function runs once on
+        a tiny concrete batch, so its own checks decide. A task run supplies the bonus's required
+        values (the "vmax" form's v_max) itself."""
+        for params_field, resolve, name, over in (("loss_params", resolve_loss, self.loss_type, loss_params),
+                                                  ("bonus_params", resolve_bonus, self.bonus, bonus_params)):
+            flag = "--" + params_field.replace("_params", "-param")
+            given = {**getattr(self, params_field), **(over or {})}
+            for k, v in given.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{flag} {k}={v!r}: must be a finite number")
+            term = resolve(name)
+            if params_field == "bonus_params" and self.policy is None:
+                given = {**{k: 1.0 for k, v in term.params.items() if v is REQUIRED}, **given}
+            try:
+                check_params(term, given, beta=self.beta)
+            except (ValueError, TypeError) as e:
+                shown = " ".join(f"{k}={v!r}" for k, v in given.items()) or "(none given)"
+                raise ValueError(f"{flag} {shown}: {e}") from None
+
+    def resolved_loss_params(self) -> dict:
+        """Every hyperparameter of the loss: cfg.loss_params over the loss's declared defaults."""
+        return resolve_loss(self.loss_type).resolved(self.loss_params)
+
+    def resolved_bonus_params(self, defaults: Optional[dict] = None) -> dict:
+        """Every hyperparameter of the bonus form: cfg.bonus_params over `defaults` (a run's own,
+        e.g. a task's reward range as v_max) over the declared defaults."""
+        term = resolve_bonus(self.bonus)
+        run_defaults = {k: v for k, v in (defaults or {}).items() if k in term.params}
+        return term.resolved({**run_defaults, **self.bonus_params})
 
     def model_overrides(self) -> dict:
         """The ModelConfig fields this run sets on the policy (and reference) model."""
@@ -238,7 +273,7 @@ RESUME_MAY_DIFFER = frozenset(
     {"rounds", "resume", "overwrite", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every",
      # where the run lives and how it is laid out on devices: a renamed or copied run dir, and a
      # resume onto another mesh shape, continue the same run
-     "name", "run_dir", "data", "fsdp", "eval_samples"}
+     "name", "run_dir", "data", "fsdp", "tensor", "eval_samples"}
 )
 
 
@@ -289,19 +324,39 @@ def _optional(conv):
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """One `--flag` per field; defaults come from the dataclass (None = keep the default)."""
+def parse_param(s: str) -> tuple[str, float]:
+    """"name=value" -> (name, float(value)): one --loss-param / --bonus-param."""
+    name, eq, value = s.partition("=")
+    if not eq or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected name=value, got {s!r}")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name.strip()}={value!r}: expected a number") from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple = ()) -> None:
+    """One `--flag` per field (fields in `skip` excepted); defaults come from the dataclass (None =
+    keep the default). A mapping field (loss_params) is a repeatable `--loss-param name=value`."""
     hints = typing.get_type_hints(cls)
     helps = _field_comments(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         t = hints[f.name]
+        help_text = helps.get(f.name, "")
+        if t is dict:
+            flag = "--" + f.name.replace("_params", "_param").replace("_", "-")
+            parser.add_argument(flag, dest=f.name, type=parse_param, action="append", default=argparse.SUPPRESS,
+                                metavar="NAME=VALUE", help=help_text)
+            continue
         optional = typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t)
         base = [a for a in typing.get_args(t) if a is not type(None)][0] if optional else t
         conv = _parse_bool if base is bool else base
         if optional:
             conv = _optional(conv)
         flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(type=conv, default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default {f.default!r})")
+        kwargs = dict(type=conv, default=argparse.SUPPRESS, help=f"{help_text} (default {f.default!r})")
         if base is bool:
             kwargs.update(nargs="?", const=True)
         parser.add_argument(flag, dest=f.name, **kwargs)
@@ -309,5 +364,5 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig, base: Optional[TrainConfig] = None):
     names = {f.name for f in dataclasses.fields(cls)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
+    overrides = {k: (dict(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names}
     return dataclasses.replace(base or cls(), **overrides)

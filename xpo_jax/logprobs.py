@@ -61,13 +61,6 @@ def token_logprobs(logits: Array, tokens: Array, *, chunk_size: int = DEFAULT_CH
     return jax.lax.fori_loop(0, n, body, jnp.zeros((B, T), jnp.float32))
 
 
-def sequence_logprobs(logits: Array, tokens: Array, mask: Array, *, chunk_size: int = DEFAULT_CHUNK) -> Array:
-    """sum_t mask[:, t] * log pi(tokens[:, t]), shape [B]: the sequence log-prob of a response."""
-    chex.assert_equal_shape((tokens, mask))
-    lp = token_logprobs(logits, tokens, chunk_size=chunk_size)
-    return jnp.sum(jnp.where(mask.astype(bool), lp, 0.0), axis=-1)
-
-
 def completion_logprobs(
     logits: Array, completion: Array, completion_mask: Array, *, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[Array, Array]:

@@ -1,6 +1,7 @@
-"""Reporting: what a run and a sweep write for people to read. Metrics logs, summary tables,
-learning-curve plots, the sweep's CSV, heatmap and curves. Host-side numpy and matplotlib only;
-nothing here trains.
+"""Reporting: what a run and a sweep write for people to read. The names of the evaluation
+metrics, metrics logs, summaries, learning-curve plots, the sweep's CSV, heatmap and curves.
+Host-side numpy and matplotlib only; nothing here trains, and it imports nothing of xpo_jax (so
+every layer may read the metric names from here).
 """
 from __future__ import annotations
 
@@ -11,9 +12,18 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-# Sweep outputs: CSV column order (columns missing from a table are left out).
+# The evaluation metrics, by evaluator. Exact (tasks, every response enumerated):
+EXACT_EVAL_KEYS = ("eval/reward", "eval/kl", "eval/j_beta", "eval/p_optimal", "eval/j_star")
+# Held-out (HF runs): the policy's responses against the reference's, scored by a reward model.
+HELD_OUT_EVAL_KEYS = ("eval/score", "eval/ref_score", "eval/win_rate", "eval/bt_win_prob", "eval/kl", "eval/length",
+                      "eval/eos_rate", "eval/ref_length", "eval/ref_eos_rate")
+# A sweep's per-cell columns taken from the exact evaluation after the last round.
+FINAL_EVAL = {k.split("/", 1)[1]: k for k in EXACT_EVAL_KEYS}
+
+# Sweep outputs: CSV column order (columns missing from a table are left out; a sweep's own loss
+# and bonus hyperparameters go after "mix").
 CSV_COLUMNS = ("alpha", "beta", "mix", "seed", "j_beta", "reward", "kl", "p_optimal", "j_star", "j_beta_late",
-               "ref_j_beta", "ref_reward", "ref_p_optimal", "sampled_reward", "first_optimal_round", "labels_to_p50",
+               "ref_j_beta", "ref_reward", "ref_p_optimal", "ref_kl", "ref_j_star", "sampled_reward", "first_optimal_round", "labels_to_p50",
                "labels_to_p90")
 
 
@@ -49,6 +59,57 @@ def samples_markdown(rows: list[dict], width: int = 300) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def run_summary(rows: list[dict]) -> dict:
+    """Summary entries of a run's metrics rows: the exact evaluation of the reference (round 0)
+    and of the final policy, and the last round's training scores and timing."""
+    summary: dict = {}
+    evals = [r for r in rows if "eval/j_beta" in r]
+    if evals:
+        first, last = evals[0], evals[-1]
+        summary.update({
+            "reference_j_beta": first["eval/j_beta"], "final_j_beta": last["eval/j_beta"],
+            "reference_reward": first["eval/reward"], "final_reward": last["eval/reward"],
+            "final_kl": last["eval/kl"], "reference_p_optimal": first["eval/p_optimal"],
+            "final_p_optimal": last["eval/p_optimal"], "best_j_beta": max(r["eval/j_beta"] for r in evals),
+            "optimal_j_beta": last["eval/j_star"],
+        })
+    train_rows = [r for r in rows if "loss" in r]
+    if train_rows:
+        summary["final_model_scores"] = train_rows[-1]["objective/model_scores"]
+        summary["final_kl_estimate"] = train_rows[-1]["objective/kl"]
+        summary["seconds"] = train_rows[-1]["time/elapsed_s"]
+        summary["seconds_per_round"] = summary["seconds"] / max(len(train_rows), 1)
+    return summary
+
+
+def held_out_summary(rows: list[dict], samples: list[dict], about: dict) -> tuple[dict, str]:
+    """(summary entries, markdown) of the held-out evaluations in `rows`: the table at the first
+    and last evaluated round and three samples side by side (reference and policy) at the last.
+    `about`: eval_prompts, eval_judge, eval_temperature, eval_source (the flag they came from)."""
+    ev = [r for r in rows if "eval/win_rate" in r]
+    if not ev:
+        return {}, ""
+    first, last = ev[0], ev[-1]
+    entries = {k: about[k] for k in ("eval_prompts", "eval_judge", "eval_temperature")}
+    entries.update({"reference_eval_score": first["eval/ref_score"], "final_eval_score": last["eval/score"],
+                    "final_eval_win_rate": last["eval/win_rate"], "final_eval_bt_win_prob": last["eval/bt_win_prob"],
+                    "final_eval_kl": last["eval/kl"], "best_eval_win_rate": max(r["eval/win_rate"] for r in ev)})
+    cols = (("score", "eval/score"), ("ref score", "eval/ref_score"), ("win rate", "eval/win_rate"),
+            ("BT win prob", "eval/bt_win_prob"), ("KL", "eval/kl"), ("length", "eval/length"),
+            ("ref length", "eval/ref_length"), ("EOS rate", "eval/eos_rate"), ("ref EOS rate", "eval/ref_eos_rate"))
+    table = ["| round | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    table += [f"| {r['round']} | " + " | ".join(f"{r[k]:.4f}" for _, k in cols) + " |"
+              for r in ([first, last] if last is not first else [first])]
+    text = (f"### Held-out evaluation: {about['eval_prompts']} prompts ({about['eval_source']}), judged by "
+            f"{about['eval_judge']}, temperature {about['eval_temperature']:g}\n\n" + "\n".join(table))
+    shown = [s for s in samples if s.get("round") == last["round"]][:3]
+    if shown:
+        side = [{"prompt": s["prompt"], "reference": f"{s['reference']} ({s['reference_score']:.3f})",
+                 f"policy (round {last['round']})": f"{s['policy']} ({s['policy_score']:.3f})"} for s in shown]
+        text += f"\n\n### Samples at round {last['round']} (score in brackets)\n\n" + samples_markdown(side)
+    return entries, text
 
 
 def write_summary(out_dir: str, summary: dict, extra_markdown: str = "") -> str:
@@ -105,7 +166,7 @@ def plot_run_curves(rows: list[dict], path: str, title: str = "") -> None:
             per_round.plot(x, [r["task/reward"] for r in tr], lw=0.8, label="reward of policy samples")
         elif held:
             per_round.plot(x, [r["objective/model_scores"] for r in tr], lw=0.8, label="score of y (policy)")
-            per_round.plot(x, [r["objective/ref_scores"] for r in tr], lw=0.8, label="score of y~ (exploration)")
+            per_round.plot(x, [r["objective/ytilde_scores"] for r in tr], lw=0.8, label="score of y~ (exploration)")
         (axes[2] if held else per_round).plot(x, [r["objective/kl"] for r in tr], lw=0.8, label="KL estimate (training)")
     for ax, t in zip(axes, names):
         ax.set_title(t)
@@ -124,8 +185,18 @@ def plot_run_curves(rows: list[dict], path: str, title: str = "") -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_csv(path: str, final: dict) -> None:
+def csv_columns(final: dict) -> list[str]:
+    """The sweep table's columns: CSV_COLUMNS present in `final`, with any other per-cell column
+    (a swept loss or bonus hyperparameter) after "mix"."""
+    G = final["alpha"].shape[0]
+    extra = [k for k, v in final.items() if k not in CSV_COLUMNS and np.shape(v) == (G,)]
     cols = [c for c in CSV_COLUMNS if c in final]
+    at = cols.index("mix") + 1 if "mix" in cols else 2
+    return cols[:at] + extra + cols[at:]
+
+
+def write_csv(path: str, final: dict) -> None:
+    cols = csv_columns(final)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -137,12 +208,6 @@ def _fmt(v, col: str) -> str:
     if col == "seed":
         return str(int(v))
     return f"{float(v):.6g}"
-
-
-def read_csv(path: str) -> dict:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return {k: np.asarray([float(r[k]) for r in rows]) for k in rows[0]}
 
 
 def method_name(alpha: float, mix: float) -> str:

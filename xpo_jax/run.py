@@ -1,16 +1,17 @@
 """The Run: everything built once on the host for a config, for a task or for HF checkpoints.
 
-`build_run(cfg, mesh=None)` is the one builder. The trainer (`xpo_jax.train`), the pure training
-program (`make_train`), sweeps and pmap all read a Run through this contract and nothing else:
+`build_run(cfg, layout=None)` is the one builder. The trainer (`xpo_jax.train`), the pure
+training program (`make_train`) and sweeps read a Run through this contract and nothing else:
 
     cfg            the validated TrainConfig
     apply_fn       the policy module's `apply` (a module with `hidden`, `head`, `init_cache`,
                    `prefill` and `decode`: the decoder, or any policy of that interface)
     ref_params     the frozen reference parameters; the policy starts as a copy of them
-    tx             the optax optimiser
     prompt_len, max_new_tokens    the static shapes of a round: prompts [B, P], responses [B, N]
-    fns            `RoundFns` (make_pairs, update, round_fn(state, prompts, mask, oracle))
-    make_round     axis_name -> RoundFns: the same round for code under pmap / shard_map
+    eos_id, pad_id the response tokens' end and padding
+    tx, fns        derived from cfg: the optax optimiser, and `RoundFns` (make_pairs, update,
+                   round_fn(state, prompts, mask, oracle)); `with_config(cfg)` rebuilds them for
+                   a config that differs only in what the round reads (a sweep's)
     oracle         the JAX oracle (a pytree: a reward model's parameters are its leaves, traced
                    and sharded like any input), or None when the judge runs on the host
     judge          the host judge (a reward model with its own tokenizer) when oracle is None
@@ -21,6 +22,8 @@ program (`make_train`), sweeps and pmap all read a Run through this contract and
     evaluator      what `eval/*` measures, or None: the exact evaluation of a task (pure, also
                    inside `make_train`), or a held-out evaluation of an HF run (host-driven)
     task           the Task of a task run, else None
+    bonus_defaults the run's own defaults of bonus hyperparameters (a task's reward range as the
+                   "vmax" bonus's v_max)
 
 Layering: this module sits above the pure core (round, state, oracles, models), the tasks and
 the HF pieces, and below the trainer and the command line.
@@ -37,13 +40,22 @@ import numpy as np
 from xpo_jax.config import TrainConfig
 from xpo_jax.models.transformer import Transformer, stack_layer_params
 from xpo_jax.oracles import reward_fn_oracle
+from xpo_jax.parallel import Layout
+from xpo_jax.reporting import EXACT_EVAL_KEYS
 from xpo_jax.round import RoundFns, make_optimizer, make_round
 from xpo_jax.state import Hyperparams, XPOState, initial_state
 from xpo_jax.tasks import Task, make_reference, resolve_task
 
 Array = jax.Array
 
-EXACT_EVAL_KEYS = ("eval/reward", "eval/kl", "eval/j_beta", "eval/p_optimal", "eval/j_star")
+# Settings that change what the round computes (or where a run writes), not what a Run was built
+# from: `Run.with_config` accepts a config that differs from the run's own only in these.
+ROUND_SETTINGS = frozenset({
+    "alpha", "alpha_end", "beta", "beta_end", "seed", "exploration_mix", "exploration_sampling", "loss_type",
+    "loss_params", "bonus", "bonus_params", "temperature", "top_k", "top_p", "learning_rate", "lr_scale",
+    "warmup_rounds", "weight_decay", "max_grad_norm", "updates_per_round", "micro_batches", "replay_capacity",
+    "replay_batch_size", "eval_every", "name", "run_dir", "progress", "tensorboard", "checkpoint_every",
+    "keep_checkpoints", "resume", "overwrite"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,20 +99,41 @@ class Run:
     cfg: TrainConfig
     apply_fn: Callable
     ref_params: Any
-    tx: Any
     prompt_len: int
     max_new_tokens: int
-    fns: RoundFns
-    make_round: Callable[..., RoundFns]
+    eos_id: int
+    pad_id: int
     oracle: Optional[Callable]
     prompts: Any
     judge: Any = None
     evaluator: Any = None
     task: Optional[Task] = None
     extras: dict = dataclasses.field(default_factory=dict)  # kind-specific pieces (tokenizer, ...)
+    true_reward_fn: Optional[Callable] = None  # a task's reward: the `task/reward` metric
+    optimal_reward_fn: Optional[Callable] = None  # a task's best reward per prompt: `explore/*`
+    bonus_defaults: dict = dataclasses.field(default_factory=dict)
+    tx: Any = dataclasses.field(init=False)
+    fns: RoundFns = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.tx, schedule = make_optimizer(self.cfg)
+        self.fns = make_round(self.cfg, apply_fn=self.apply_fn, eos_id=self.eos_id, pad_id=self.pad_id,
+                              max_new_tokens=self.max_new_tokens, true_reward_fn=self.true_reward_fn,
+                              optimal_reward_fn=self.optimal_reward_fn, lr_schedule=schedule)
+
+    def with_config(self, cfg: TrainConfig) -> "Run":
+        """This run's built pieces (reference, task, prompts, oracle) with the round of `cfg`,
+        which may differ from the run's own config only in ROUND_SETTINGS."""
+        cfg.validate()
+        now, was = cfg.to_dict(), self.cfg.to_dict()
+        other = sorted(k for k in now if now[k] != was[k] and k not in ROUND_SETTINGS)
+        if other:
+            raise ValueError(f"this Run was built for another config: {', '.join(other)} differ (build it with "
+                             "build_run for this config)")
+        return dataclasses.replace(self, cfg=cfg)
 
     def hparams(self) -> Hyperparams:
-        return Hyperparams.from_config(self.cfg)
+        return Hyperparams.from_config(self.cfg, self.bonus_defaults)
 
     def init_state(self, key: Array, hparams: Hyperparams, ref_params: Any = None) -> XPOState:
         """Round 0: the policy is a copy of the reference. Pass `ref_params` explicitly under jit
@@ -123,18 +156,22 @@ class Run:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_run(cfg: TrainConfig, mesh: Any = None) -> Run:
+def check_layout(cfg: TrainConfig, layout: Layout) -> None:
+    """A config against its layout (the one place): every batch the run makes splits over the
+    layout's batch shards. ValueError naming the flag."""
+    layout.check_batch(cfg.batch_size, "--batch-size")
+    if cfg.policy is not None and (cfg.eval_prompts or cfg.eval_fraction):
+        layout.check_batch(cfg.eval_batch_size or cfg.batch_size, "--eval-batch-size")
+
+
+def build_run(cfg: TrainConfig, layout: Any = None) -> Run:
     """The Run for `cfg`: a built-in or user task (`--task`), or HF checkpoints and a prompt
-    file (`--policy`). With `mesh`, HF checkpoints load straight into their shardings."""
+    file (`--policy`). HF checkpoints load straight into `layout`'s shardings (a Layout or a
+    Mesh; default one device)."""
     cfg.validate()
     if cfg.policy is not None:
-        return _build_hf_run(cfg, mesh)
+        return _build_hf_run(cfg, Layout.of(layout))
     return _build_task_run(cfg)
-
-
-def _round_builder(cfg: TrainConfig, **kwargs) -> Callable[..., RoundFns]:
-    """axis_name -> RoundFns with every other argument fixed (the one place a run's round is made)."""
-    return lambda axis_name=None: make_round(cfg, axis_name=axis_name, **kwargs)
 
 
 def _build_task_run(cfg: TrainConfig) -> Run:
@@ -153,15 +190,11 @@ def _build_task_run(cfg: TrainConfig) -> Run:
     )
     if cfg.min_new_tokens > n:
         raise ValueError(f"--min-new-tokens={cfg.min_new_tokens} exceeds the {n} new tokens of task {task.name!r}")
-    tx, schedule = make_optimizer(cfg)
     best, r_min, r_max = reward_table(task)
-    builder = _round_builder(cfg, apply_fn=model.apply, eos_id=task.eos_id, pad_id=task.pad_id, max_new_tokens=n,
-                             true_reward_fn=task.reward_fn, optimal_reward_fn=optimal_reward_fn(task, best),
-                             v_max=r_max - r_min, lr_schedule=schedule)
-    return Run(cfg=cfg, apply_fn=model.apply, ref_params=ref_params, tx=tx, prompt_len=task.prompt_len,
-               max_new_tokens=n, fns=builder(), make_round=builder, oracle=oracle,
-               prompts=TaskPrompts(task, cfg.batch_size), evaluator=ExactEval(task, model.apply, cfg.rounds),
-               task=task)
+    return Run(cfg=cfg, apply_fn=model.apply, ref_params=ref_params, prompt_len=task.prompt_len, max_new_tokens=n,
+               eos_id=task.eos_id, pad_id=task.pad_id, oracle=oracle, prompts=TaskPrompts(task, cfg.batch_size),
+               evaluator=ExactEval(task, model.apply, cfg.rounds), task=task, true_reward_fn=task.reward_fn,
+               optimal_reward_fn=optimal_reward_fn(task, best), bonus_defaults={"v_max": r_max - r_min})
 
 
 def cast(tree: Any, dtype: str) -> Any:
@@ -197,13 +230,10 @@ def optimal_reward_fn(task: Task, best: np.ndarray) -> Callable:
     return fn
 
 
-def _build_hf_run(cfg: TrainConfig, mesh: Any) -> Run:
+def _build_hf_run(cfg: TrainConfig, layout: Layout) -> Run:
     from xpo_jax.hf.run import build_hf_pieces
 
-    p = build_hf_pieces(cfg, mesh)
-    tx, schedule = make_optimizer(cfg)
-    builder = _round_builder(cfg, apply_fn=p.apply_fn, eos_id=p.tokenizer.eos_id, pad_id=p.tokenizer.pad_id,
-                             max_new_tokens=p.max_new_tokens, lr_schedule=schedule)
-    return Run(cfg=cfg, apply_fn=p.apply_fn, ref_params=p.ref_params, tx=tx, prompt_len=cfg.max_prompt_length,
-               max_new_tokens=p.max_new_tokens, fns=builder(), make_round=builder, oracle=p.oracle,
+    p = build_hf_pieces(cfg, layout)
+    return Run(cfg=cfg, apply_fn=p.apply_fn, ref_params=p.ref_params, prompt_len=cfg.max_prompt_length,
+               max_new_tokens=p.max_new_tokens, eos_id=p.tokenizer.eos_id, pad_id=p.tokenizer.pad_id, oracle=p.oracle,
                prompts=p.prompts, judge=p.judge, evaluator=p.evaluator, extras={"tokenizer": p.tokenizer})

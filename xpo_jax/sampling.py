@@ -23,10 +23,10 @@ baked into the loop, so they are static Python ints. `temperature`, `top_k`, `to
 
 Donation. `sample` creates its KV cache inside the compiled function and keeps it in the
 `while_loop` carry; XLA then updates it in place (a `dynamic_update_slice` on a loop-carried
-buffer aliases input and output), so there is no cache crossing a jit boundary to donate. When a
-cache does cross one -- decoding step by step from Python with `make_step_fns` -- the decode
-function donates it: otherwise every step would allocate a fresh [B, Hkv, S, Dh] buffer per layer
-and copy the whole cache into it to change one slot.
+buffer aliases input and output), so there is no cache crossing a jit boundary to donate. (Code
+that decodes step by step from Python, jitting the model's `prefill` / `decode` itself, should
+donate the cache: otherwise every step allocates a fresh [B, Hkv, S, Dh] buffer per layer and
+copies the whole cache into it to change one slot.)
 """
 from __future__ import annotations
 
@@ -296,20 +296,6 @@ def sample(apply_fn: Callable, params, prompts: Array, prompt_mask: Array, key: 
     return _sample_jit(apply_fn, params, prompts.astype(jnp.int32), prompt_mask, key, temperature,
                        top_k, top_p, max_new_tokens=int(max_new_tokens), eos_id=int(eos_id),
                        pad_id=int(pad_id), min_new_tokens=int(min_new_tokens))
-
-
-def make_step_fns(apply_fn: Callable):
-    """Jitted (prefill, decode) for driving the cache from Python, one step per call.
-
-    prefill(params, tokens, mask, cache) -> (last logits [B, V], cache)
-    decode(params, tokens [B], cache) -> (logits [B, V], cache)
-    Both donate `cache`: the caller must not reuse the cache it passed in (see module docstring).
-    """
-    prefill = jax.jit(lambda p, t, m, c: apply_fn({"params": p}, t, m, c, method="prefill"),
-                      donate_argnums=3)
-    decode = jax.jit(lambda p, t, c: apply_fn({"params": p}, t, c, method="decode"),
-                     donate_argnums=2)
-    return prefill, decode
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from xpo_jax.pairs import LabelledPairs
+
 Array = jax.Array
 
 
@@ -29,7 +31,8 @@ class Hyperparams(struct.PyTreeNode):
 
     alpha and beta follow linear schedules from their start to their end value over the run
     (equal ends = constant); TRL's per-epoch lists have no traced equivalent and crash past the
-    list's end, a linear schedule does neither.
+    list's end, a linear schedule does neither. `loss_params` and `bonus_params` hold the
+    hyperparameters that the run's loss and bonus form declare (`xpo_jax.losses`), by name.
     """
 
     alpha: Array
@@ -38,13 +41,15 @@ class Hyperparams(struct.PyTreeNode):
     beta_end: Array
     temperature: Array
     lr_scale: Array
-    label_smoothing: Array
     exploration_mix: Array  # lambda: P(y~ from pi_ref); 1 = XPO Algorithm 1, 0 = online DPO
+    loss_params: dict = struct.field(default_factory=dict)
+    bonus_params: dict = struct.field(default_factory=dict)
 
     @classmethod
-    def create(cls, *, alpha, beta, temperature=1.0, lr_scale=1.0, label_smoothing=0.0, alpha_end=None, beta_end=None,
-               exploration_mix=1.0):
+    def create(cls, *, alpha, beta, temperature=1.0, lr_scale=1.0, alpha_end=None, beta_end=None,
+               exploration_mix=1.0, loss_params=None, bonus_params=None):
         f = lambda x: jnp.asarray(x, jnp.float32)
+        floats = lambda d: {k: f(v) for k, v in (d or {}).items()}
         return cls(
             alpha=f(alpha),
             alpha_end=f(alpha if alpha_end is None else alpha_end),
@@ -52,17 +57,20 @@ class Hyperparams(struct.PyTreeNode):
             beta_end=f(beta if beta_end is None else beta_end),
             temperature=f(temperature),
             lr_scale=f(lr_scale),
-            label_smoothing=f(label_smoothing),
             exploration_mix=f(exploration_mix),
+            loss_params=floats(loss_params),
+            bonus_params=floats(bonus_params),
         )
 
     @classmethod
-    def from_config(cls, cfg) -> "Hyperparams":
-        """The traced hyperparameters of a TrainConfig."""
+    def from_config(cls, cfg, bonus_defaults: Optional[dict] = None) -> "Hyperparams":
+        """The traced hyperparameters of a TrainConfig: every hyperparameter of its loss and bonus
+        form, at cfg's value or the declared default (`bonus_defaults`: a run's own, e.g. a
+        task's reward range as v_max)."""
         return cls.create(
             alpha=cfg.alpha, alpha_end=cfg.alpha_end, beta=cfg.beta, beta_end=cfg.beta_end,
-            temperature=cfg.temperature, lr_scale=cfg.lr_scale, label_smoothing=cfg.label_smoothing,
-            exploration_mix=cfg.exploration_mix,
+            temperature=cfg.temperature, lr_scale=cfg.lr_scale, exploration_mix=cfg.exploration_mix,
+            loss_params=cfg.resolved_loss_params(), bonus_params=cfg.resolved_bonus_params(bonus_defaults),
         )
 
     def scheduled(self, round_idx: Array, num_rounds: int) -> tuple[Array, Array]:
@@ -74,52 +82,46 @@ class Hyperparams(struct.PyTreeNode):
 
 
 class Replay(struct.PyTreeNode):
-    """Ring buffer of labelled pairs; `count` is how many were ever inserted."""
+    """Ring buffer of labelled pairs (`LabelledPairs` of [C, ...], reference log-probs included);
+    `count` is how many were ever inserted."""
 
-    prompts: Array  # [C, P]
-    prompt_mask: Array  # [C, P]
-    y: Array  # [C, N]
-    y_mask: Array
-    yt: Array
-    yt_mask: Array
-    y_wins: Array  # [C] bool
-    valid: Array  # [C] float32 (0 for masked pairs)
-    ref_y: Array  # [C] log pi_ref(y|x)
-    ref_yt: Array  # [C] log pi_ref(y~|x)
+    pairs: LabelledPairs
     count: Array  # int32 scalar
 
     @classmethod
     def empty(cls, capacity: int, prompt_len: int, response_len: int) -> "Replay":
         zi = lambda *s: jnp.zeros(s, jnp.int32)
-        zf = lambda *s: jnp.zeros(s, jnp.float32)
+        zf = lambda: jnp.zeros((capacity,), jnp.float32)
         C = capacity
-        return cls(
-            prompts=zi(C, prompt_len), prompt_mask=zi(C, prompt_len),
-            y=zi(C, response_len), y_mask=zi(C, response_len),
-            yt=zi(C, response_len), yt_mask=zi(C, response_len),
-            y_wins=jnp.zeros((C,), bool), valid=zf(C), ref_y=zf(C), ref_yt=zf(C),
-            count=jnp.zeros((), jnp.int32),
+        pairs = LabelledPairs(
+            prompts=zi(C, prompt_len), prompt_mask=zi(C, prompt_len), y=zi(C, response_len), y_mask=zi(C, response_len),
+            yt=zi(C, response_len), yt_mask=zi(C, response_len), y_logprob=zf(), yt_logprob=zf(),
+            yt_from_ref=jnp.zeros((C,), bool), y_wins=jnp.zeros((C,), bool), valid=zf(), scores_y=zf(), scores_yt=zf(),
+            ref_y=zf(), ref_yt=zf(),
         )
+        return cls(pairs=pairs, count=jnp.zeros((), jnp.int32))
 
     @property
     def capacity(self) -> int:
-        return self.valid.shape[-1]
+        return self.pairs.valid.shape[-1]
 
-    def insert(self, **items) -> "Replay":
-        """Write a batch of B <= capacity pairs at the ring position (oldest overwritten)."""
-        B = items["valid"].shape[0]
+    def insert(self, batch: LabelledPairs) -> "Replay":
+        """Write a batch of B <= capacity pairs (reference log-probs computed) at the ring
+        position, the oldest overwritten."""
+        if batch.ref_y is None or batch.ref_yt is None:
+            raise ValueError("Replay.insert: the pairs need their reference log-probs (ref_y, ref_yt)")
+        B = batch.valid.shape[0]
         idx = (self.count + jnp.arange(B)) % self.capacity
-        new = {k: getattr(self, k).at[idx].set(v.astype(getattr(self, k).dtype)) for k, v in items.items()}
-        return self.replace(count=self.count + B, **new)
+        pairs = jax.tree_util.tree_map(lambda old, new: old.at[idx].set(new.astype(old.dtype)), self.pairs, batch)
+        return self.replace(pairs=pairs, count=self.count + B)
 
-    def draw(self, key: Array, shape: tuple) -> dict:
+    def draw(self, key: Array, shape: tuple) -> LabelledPairs:
         """Pairs drawn uniformly (with replacement) from the filled part, each field [*shape, ...]
         (e.g. (K, M): K minibatches of M); valid = 0 while empty."""
         filled = jnp.minimum(self.count, self.capacity)
         idx = jax.random.randint(key, shape, 0, jnp.maximum(filled, 1))
-        out = {k: getattr(self, k)[idx] for k in ("prompts", "prompt_mask", "y", "y_mask", "yt", "yt_mask", "y_wins", "ref_y", "ref_yt")}
-        out["valid"] = self.valid[idx] * (filled > 0)
-        return out
+        out = jax.tree_util.tree_map(lambda a: a[idx], self.pairs)
+        return out._replace(valid=out.valid * (filled > 0))
 
 
 class XPOState(train_state.TrainState):

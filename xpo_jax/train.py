@@ -37,11 +37,13 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from xpo_jax import parallel as par
+from xpo_jax import distributed as dist
 from xpo_jax.config import TrainConfig, check_resumable
 from xpo_jax.oracles import judge_scores
-from xpo_jax.reporting import plot_run_curves, read_metrics, samples_markdown, write_summary
-from xpo_jax.run import Run, build_run
+from xpo_jax.pairs import label
+from xpo_jax.parallel import Layout, local_rows, make_mesh
+from xpo_jax.reporting import plot_run_curves, read_metrics, run_summary, samples_markdown, write_summary
+from xpo_jax.run import Run, build_run, check_layout
 
 Array = jax.Array
 
@@ -54,35 +56,26 @@ class NonFiniteLoss(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-# The mesh of a run
+# The layout of a run
 # ----------------------------------------------------------------------------------------------
 
 
-def mesh_for(cfg: TrainConfig) -> jax.sharding.Mesh:
-    """The mesh of `--data` x `--fsdp`: one device when neither is set on one process, every
-    device (data = devices / fsdp) otherwise. The batch must split over data x fsdp."""
-    if cfg.data is None and cfg.fsdp == 1 and jax.process_count() == 1:
-        mesh = par.make_mesh(1, 1, devices=jax.devices()[:1])
+def layout_for(cfg: TrainConfig) -> Layout:
+    """The layout of `--data` x `--fsdp` x `--tensor`: one device when none is set on one
+    process, every device (data = devices / (fsdp x tensor)) otherwise; checked against cfg."""
+    if cfg.data is None and cfg.fsdp == 1 and cfg.tensor == 1 and jax.process_count() == 1:
+        mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     else:
         n = jax.device_count()
-        if cfg.data is None and n % cfg.fsdp:
-            raise ValueError(f"--fsdp={cfg.fsdp} does not divide the {n} devices")
-        if cfg.data is not None and cfg.data * cfg.fsdp != n:
-            raise ValueError(f"--data={cfg.data} x --fsdp={cfg.fsdp} = {cfg.data * cfg.fsdp} devices, but "
-                             f"{n} are available")
-        mesh = par.make_mesh(cfg.data, cfg.fsdp)
-    check_batch_fits_mesh(cfg, mesh)
-    return mesh
-
-
-def check_batch_fits_mesh(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
-    shards = mesh.devices.size
-    if cfg.batch_size % shards:
-        raise ValueError(f"--batch-size={cfg.batch_size} must be divisible by the mesh's {shards} devices "
-                         f"({dict(mesh.shape)}): each device takes an equal share of the rows")
-    eb = cfg.eval_batch_size or cfg.batch_size
-    if cfg.policy is not None and (cfg.eval_prompts or cfg.eval_fraction) and eb % shards:
-        raise ValueError(f"--eval-batch-size={eb} must be divisible by the mesh's {shards} devices ({dict(mesh.shape)})")
+        if cfg.data is None and n % (cfg.fsdp * cfg.tensor):
+            raise ValueError(f"--fsdp={cfg.fsdp} x --tensor={cfg.tensor} does not divide the {n} devices")
+        if cfg.data is not None and cfg.data * cfg.fsdp * cfg.tensor != n:
+            raise ValueError(f"--data={cfg.data} x --fsdp={cfg.fsdp} x --tensor={cfg.tensor} = "
+                             f"{cfg.data * cfg.fsdp * cfg.tensor} devices, but {n} are available")
+        mesh = make_mesh(cfg.data, cfg.fsdp, cfg.tensor)
+    layout = Layout(mesh)
+    check_layout(cfg, layout)
+    return layout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,23 +83,17 @@ def check_batch_fits_mesh(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _constraints(run: Run, mesh: Optional[jax.sharding.Mesh]):
-    """(state -> state, batch array -> array): sharding constraints on `mesh`, or identities."""
-    if mesh is None:
-        return (lambda s: s), (lambda x: x)
-    st = par.state_shardings(run.state_shapes(), mesh)
-    bs = par.batch_sharding(mesh)
-    wsc = jax.lax.with_sharding_constraint
-    return (lambda s: wsc(s, st)), (lambda x: wsc(x, bs))
-
-
-def in_graph_round(run: Run, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+def in_graph_round(run: Run, layout: Optional[Layout] = None) -> Callable:
     """`(state, data_key, oracle) -> (state, metrics)`: the round with its prompts drawn inside the
-    program (tasks). The one body of both `make_train`'s scan and the Trainer's step."""
+    program (tasks), the state and the prompts constrained to `layout` (None: no constraints,
+    wherever jit puts it). The one body of both `make_train`'s scan and the Trainer's step."""
     if not run.prompts.in_graph:
         raise ValueError("this run reads its prompts on the host (a prompt file): it has no pure "
                          "whole-run program; use Trainer")
-    on_state, on_batch = _constraints(run, mesh)
+    on_state, on_batch = (lambda s: s), (lambda x: x)
+    if layout is not None:
+        st = layout.state(run.state_shapes())
+        on_state, on_batch = (lambda s: layout.constrain(s, st)), (lambda x: layout.constrain(x, layout.batch))
 
     def step(state, data_key, oracle):
         prompts, mask = run.prompts.batch(data_key, state.round)
@@ -116,25 +103,27 @@ def in_graph_round(run: Run, mesh: Optional[jax.sharding.Mesh] = None) -> Callab
     return step
 
 
-def make_train(cfg: TrainConfig, run: Optional[Run] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+def make_train(cfg: TrainConfig, run: Optional[Run] = None, mesh: Any = None) -> Callable:
     """Pure `train(key, hparams) -> (final XPOState, metrics {name: [rounds]})`.
 
     `key` is a raw PRNG key (`jax.random.PRNGKey(seed)`), `hparams` a `Hyperparams` (traced):
     `jax.vmap(train)` over stacked keys and hyperparameters is a sweep in one program. The
     evaluator (`eval/*`, exact on tasks) runs every `eval_every` rounds and after the last;
-    other rounds hold NaN. With `mesh`, `jax.jit(train)` runs on it (state by the FSDP rule,
-    prompts split over data x fsdp) and gives the one-device result to float rounding.
+    other rounds hold NaN. With `mesh` (a Mesh or a `Layout`), `jax.jit(train)` runs on it (the
+    state by the parameter rules, prompts split over data x fsdp) and gives the one-device result
+    to float rounding.
     """
-    run = run or build_run(cfg)
-    if mesh is not None:
-        check_batch_fits_mesh(cfg, mesh)
-    step = in_graph_round(run, mesh)
-    on_state, _ = _constraints(run, mesh)
+    layout = None if mesh is None else Layout.of(mesh)  # None: no constraints (e.g. under a sweep's vmap)
+    run = run or build_run(cfg, layout)
+    if layout is not None:
+        check_layout(cfg, layout)
+    step = in_graph_round(run, layout)
+    place = (lambda s: s) if layout is None else (lambda s, st=layout.state(run.state_shapes()): layout.constrain(s, st))
     R, every = cfg.rounds, cfg.eval_every
     evaluator = run.evaluator if run.evaluator is not None and run.evaluator.in_graph and every else None
 
     def train(key: Array, hparams):
-        state = on_state(run.init_state(key, hparams))
+        state = place(run.init_state(key, hparams))
         data_key = run.data_key(key)
 
         def body(state, _):
@@ -155,43 +144,31 @@ def make_train(cfg: TrainConfig, run: Optional[Run] = None, mesh: Optional[jax.s
 # ----------------------------------------------------------------------------------------------
 
 
-def _place(tree: Any, shardings: Any) -> Any:
-    """`tree` on `shardings`; arrays already there are kept (no copy)."""
-    def put(x, s):
-        if isinstance(x, jax.Array) and x.sharding == s:
-            return x
-        return par._put(x, s)
-
-    return jax.tree_util.tree_map(put, tree, shardings)
-
-
 class Program:
-    """The jitted, sharded programs of one run on one mesh, each compiled once:
+    """The jitted, sharded programs of one run on one layout, each compiled once:
 
-        init(key, hparams)                  -> state (placed by the FSDP rule)
+        init(key, hparams)                  -> state (placed by the parameter rules)
         step(state, data_key | prompts)     -> (state, metrics): one whole round (state donated)
         evaluate(state)                     -> eval metrics (in-graph evaluators)
 
     Tasks draw their prompts inside `step` from (data_key, round); host streams pass this
-    process's rows, assembled into the global batch (`parallel.shard_batch`). With a host judge
+    process's rows, assembled into the global batch (`Layout.shard_batch`). With a host judge
     `step` is the two jitted halves with the judge on the host between them."""
 
-    def __init__(self, run: Run, mesh: jax.sharding.Mesh):
-        self.run, self.mesh = run, mesh
+    def __init__(self, run: Run, layout: Layout):
+        self.run, self.layout = run, layout
         shapes = run.state_shapes()
-        self.state_sharding = par.state_shardings(shapes, mesh)
-        self.abstract_state = par.abstract_state(shapes, mesh)
-        rep, bs = par.replicated(mesh), par.batch_sharding(mesh)
-        self.rep, self.bs = rep, bs
-        st = self.state_sharding
-        self.ref_params = _place(run.ref_params, par.param_shardings(run.ref_params, mesh))
+        st = self.state_sharding = layout.state(shapes)
+        self.abstract_state = layout.abstract_state(shapes)
+        rep, bs = layout.replicated, layout.batch
+        self.ref_params = layout.place(run.ref_params)
         self._init = jax.jit(run.init_state, out_shardings=st)
         self.oracle = None
         if run.oracle is not None:
-            self.oracle = _place(run.oracle, par.param_shardings(run.oracle, mesh))
-            oracle_sh = par.param_shardings(run.oracle, mesh)
+            self.oracle = layout.place(run.oracle)
+            oracle_sh = layout.params(run.oracle)
         if run.prompts.in_graph:
-            self._step = jax.jit(in_graph_round(run, mesh), in_shardings=(st, rep, oracle_sh),
+            self._step = jax.jit(in_graph_round(run, layout), in_shardings=(st, rep, oracle_sh),
                                  out_shardings=(st, rep), donate_argnums=0)
         elif run.oracle is not None:
             self._step = jax.jit(run.fns.round_fn, in_shardings=(st, bs, bs, oracle_sh), out_shardings=(st, rep),
@@ -199,19 +176,20 @@ class Program:
         else:
             self._pairs = jax.jit(run.fns.make_pairs, in_shardings=(st, bs, bs), donate_argnums=0)
             self._update = jax.jit(run.fns.update, out_shardings=(st, rep), donate_argnums=0)
-            judge, cfg = run.judge, run.cfg
-            self.rm_params = _place(judge.rm_params, par.param_shardings(judge.rm_params, mesh))
-
-            def score_and_judge(rm_params, key, ry, rym, ryt, rytm, y, ym, yt, ytm):
-                scores = judge.score(rm_params, jnp.concatenate([ry, ryt]), jnp.concatenate([rym, rytm]))
-                B = y.shape[0]
-                return judge_scores(key, scores[:B], scores[B:], y, ym, yt, ytm, eos_id=run.extras["tokenizer"].eos_id,
-                                    bradley_terry=cfg.bradley_terry, missing_eos_penalty=cfg.missing_eos_penalty,
-                                    mask_identical=cfg.mask_identical)
-
-            self._judge = jax.jit(score_and_judge)
+            self.rm_params = layout.place(run.judge.rm_params)
+            self._judge = jax.jit(self._score_and_label)
         ev = run.evaluator
         self._evaluate = jax.jit(ev, in_shardings=(st,), out_shardings=rep) if ev is not None and ev.in_graph else None
+
+    def _score_and_label(self, rm_params, pairs, ry, rym, ryt, rytm):
+        """The host judge's half inside the program: score the re-encoded pairs, judge, label."""
+        run, cfg = self.run, self.run.cfg
+        scores = run.judge.score(rm_params, jnp.concatenate([ry, ryt]), jnp.concatenate([rym, rytm]))
+        B = ry.shape[0]
+        judgement = judge_scores(pairs.judge_key, scores[:B], scores[B:], pairs.y.tokens, pairs.y.mask, pairs.yt.tokens,
+                                 pairs.yt.mask, eos_id=run.eos_id, bradley_terry=cfg.bradley_terry,
+                                 missing_eos_penalty=cfg.missing_eos_penalty, mask_identical=cfg.mask_identical)
+        return label(pairs, judgement)
 
     def compile(self) -> dict:
         """Compile the round ahead of time on abstract inputs (nothing allocated) and check that
@@ -220,9 +198,9 @@ class Program:
         carries the same shardings). Returns {program: bytes per device}."""
         run, cfg = self.run, self.run.cfg
         sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-        batch = sds((cfg.batch_size, run.prompt_len), jnp.int32, self.bs)
+        batch = sds((cfg.batch_size, run.prompt_len), jnp.int32, self.layout.batch)
         if run.prompts.in_graph:
-            key = sds(jax.random.PRNGKey(0).shape, jnp.uint32, self.rep)
+            key = sds(jax.random.PRNGKey(0).shape, jnp.uint32, self.layout.replicated)
             programs = {"round": (self._step, (self.abstract_state, key, self.oracle))}
         elif self.oracle is not None:
             programs = {"round": (self._step, (self.abstract_state, batch, batch, self.oracle))}
@@ -231,7 +209,7 @@ class Program:
         need = {}
         for name, (fn, args) in programs.items():
             compiled = fn.lower(*args).compile()
-            need[name] = _check_fits(compiled, name, cfg, self.mesh)
+            need[name] = _check_fits(compiled, name, cfg, self.layout.mesh)
             setattr(self, {"round": "_step", "make_pairs": "_pairs"}[name], compiled)
         return need
 
@@ -242,24 +220,22 @@ class Program:
         run = self.run
         if run.prompts.in_graph:
             return self._step(state, data_key, self.oracle)
-        rows = par.host_batch_slice(self.mesh, run.cfg.batch_size)
-        texts, prompts, mask = run.prompts.next_local(rows)
-        prompts, mask = par.shard_batch(self.mesh, prompts, mask, global_batch_size=run.cfg.batch_size)
+        layout, B = self.layout, run.cfg.batch_size
+        texts, prompts, mask = run.prompts.next_local(layout.host_rows(B))
+        prompts, mask = layout.shard_batch(prompts, mask, global_batch_size=B)
         if self.oracle is not None:
             state, metrics = self._step(state, prompts, mask, self.oracle)
         else:
             state, pairs = self._pairs(state, prompts, mask)
-            local = [par.local_rows(a) for a in (pairs.y.tokens, pairs.y.mask, pairs.yt.tokens, pairs.yt.mask)]
+            local = [local_rows(a) for a in (pairs.y.tokens, pairs.y.mask, pairs.yt.tokens, pairs.yt.mask)]
             encoded = run.judge.encode(texts, local[0], local[1]) + run.judge.encode(texts, local[2], local[3])
-            ry, rym, ryt, rytm = par.shard_batch(self.mesh, *encoded, global_batch_size=run.cfg.batch_size)
-            judgement = self._judge(self.rm_params, pairs.judge_key, ry, rym, ryt, rytm, pairs.y.tokens,
-                                    pairs.y.mask, pairs.yt.tokens, pairs.yt.mask)
-            state, metrics = self._update(state, pairs, judgement)
+            ry, rym, ryt, rytm = layout.shard_batch(*encoded, global_batch_size=B)
+            state, metrics = self._update(state, self._judge(self.rm_params, pairs, ry, rym, ryt, rytm))
         metrics = dict(metrics)
         # Each process counts the rows it read: the run's counts are their sum (what one process
         # reading the whole batch counts).
         stats = run.prompts.stats
-        truncated, dropped = par.all_processes([stats["num_truncated"], stats["num_dropped"]]).sum(axis=0)
+        truncated, dropped = dist.all_processes([stats["num_truncated"], stats["num_dropped"]]).sum(axis=0)
         metrics["data/num_truncated"] = float(truncated)
         metrics["data/num_dropped"] = float(dropped)
         return state, metrics
@@ -272,7 +248,7 @@ class Program:
         """(eval metrics, sample rows): an in-graph evaluator's jitted program, or a host-driven
         one's `evaluate(state, round_idx)` (e.g. held-out prompts of an HF run)."""
         if self._evaluate is not None:
-            return {k: float(v) for k, v in par.first_copy(self._evaluate(state)).items()}, []
+            return {k: float(v) for k, v in dist.first_copy(self._evaluate(state)).items()}, []
         return self.run.evaluator.evaluate(state, round_idx)
 
 
@@ -284,20 +260,20 @@ class Program:
 class Trainer:
     """The host loop (see the module docstring): `Trainer(cfg, mesh=None).run()`.
 
-    `mesh`: a `jax.sharding.Mesh` with axes ("data", "fsdp") (`xpo_jax.parallel.make_mesh`);
-    default: cfg's --data x --fsdp (`mesh_for`). Everything that can be checked before the slow
-    build (the run directory, the mesh, resume compatibility) is checked in the constructor."""
+    `mesh`: a `jax.sharding.Mesh` (`xpo_jax.parallel.make_mesh`) or a `Layout`; default: cfg's
+    --data x --fsdp x --tensor (`layout_for`). Everything that can be checked before the slow
+    build (the run directory, the layout, resume compatibility) is checked in the constructor."""
 
-    def __init__(self, cfg: TrainConfig, mesh: Optional[jax.sharding.Mesh] = None, run: Optional[Run] = None):
+    def __init__(self, cfg: TrainConfig, mesh: Any = None, run: Optional[Run] = None):
         self.cfg = cfg.validate()
         self.out = os.path.join(cfg.run_dir, cfg.name)
         self.lead = jax.process_index() == 0
-        self.mesh = mesh if mesh is not None else mesh_for(cfg)
-        check_batch_fits_mesh(cfg, self.mesh)
+        self.layout = layout_for(cfg) if mesh is None else Layout.of(mesh)
+        check_layout(cfg, self.layout)
         self._claim_run_dir()  # before the (slow) build: a clash is reported at once
-        self.run_ = run or build_run(cfg, self.mesh)
+        self.run_ = run or build_run(cfg, self.layout)
         self._check_prompts_unchanged()  # before anything compiles
-        self.program = Program(self.run_, self.mesh)
+        self.program = Program(self.run_, self.layout)
         self._stop_signal: Optional[int] = None
         self.interrupted = False
         self.memory: Optional[dict] = None  # bytes per device of each compiled program
@@ -338,7 +314,7 @@ class Trainer:
             for f in os.listdir(out):
                 if f in ("metrics.jsonl", "summary.json", "summary.md", "curve.png") or f.startswith("events.out.tfevents"):
                     os.remove(os.path.join(out, f))
-        par.barrier("xpo_jax:overwrite")
+        dist.barrier("xpo_jax:overwrite")
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
@@ -356,10 +332,10 @@ class Trainer:
             self.memory = prog.compile()
         if self.lead:
             os.makedirs(self.out, exist_ok=True)
-        par.barrier("xpo_jax:run-dir")
+        dist.barrier("xpo_jax:run-dir")
         ckpt = Checkpointer(self.ckpt_dir, keep=cfg.keep_checkpoints)
         key = jax.random.PRNGKey(cfg.seed)
-        data_key = _place(run.data_key(key), prog.rep)
+        data_key = self.layout.place(run.data_key(key), self.layout.replicated)
         start, state, t_offset = 0, None, 0.0
         log_path = os.path.join(self.out, "metrics.jsonl")
         last_good: Optional[int] = None  # the newest checkpoint known to verify (restored or saved here)
@@ -374,7 +350,7 @@ class Trainer:
                 self._restore_prompts(data)
                 if ckpt.skipped:  # newer checkpoints that do not verify: keep them, out of the way
                     moved = ckpt.set_aside(ckpt.skipped) if self.lead else []
-                    par.barrier("xpo_jax:set-aside")
+                    dist.barrier("xpo_jax:set-aside")
                     ckpt.reload()
                     note += f"; set aside as {', '.join(moved)}" if moved else ""
                 if note:
@@ -401,7 +377,7 @@ class Trainer:
         try:
             for r in range(start + 1, end + 1):
                 state, metrics = prog.step(state, data_key, r - 1)
-                m = {k: float(v) for k, v in par.first_copy(metrics).items()}
+                m = {k: float(v) for k, v in dist.first_copy(metrics).items()}
                 if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
                     where = (f"the last good checkpoint (round {last_good}) is untouched" if last_good is not None
                              else "no checkpoint was saved yet")
@@ -420,7 +396,7 @@ class Trainer:
                     if "eval/win_rate" in m:
                         post["win"] = m["eval/win_rate"]
                     bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
-                stop = par.any_process(self._stop_signal is not None)
+                stop = dist.any_process(self._stop_signal is not None)
                 due = cfg.checkpoint_every and r % cfg.checkpoint_every == 0
                 if due or r == end or stop:
                     ckpt.save(r, state, cfg.to_dict(), self._data_position(r))
@@ -451,7 +427,7 @@ class Trainer:
         data = {"round": r}
         prompts = self.run_.prompts
         if not prompts.in_graph:
-            data["prompts"] = par.all_processes(prompts.position()).tolist()  # one row per process
+            data["prompts"] = dist.all_processes(prompts.position()).tolist()  # one row per process
             data["prompt_fingerprint"] = prompts.fingerprint
         return data
 
@@ -542,25 +518,9 @@ class Trainer:
 
     def _summarise(self, last_round: int) -> dict:
         rows = read_metrics(os.path.join(self.out, "metrics.jsonl"))
-        evals = [r for r in rows if "eval/j_beta" in r]
         cfg = self.cfg
         what = {"task": cfg.task} if cfg.policy is None else {"policy": cfg.policy, "reward_model": cfg.reward_model}
-        summary = {"name": cfg.name, **what, "rounds": last_round}
-        if evals:
-            first, last = evals[0], evals[-1]
-            summary.update({
-                "reference_j_beta": first["eval/j_beta"], "final_j_beta": last["eval/j_beta"],
-                "reference_reward": first["eval/reward"], "final_reward": last["eval/reward"],
-                "final_kl": last["eval/kl"], "reference_p_optimal": first["eval/p_optimal"],
-                "final_p_optimal": last["eval/p_optimal"], "best_j_beta": max(r["eval/j_beta"] for r in evals),
-                "optimal_j_beta": last["eval/j_star"],
-            })
-        train_rows = [r for r in rows if "loss" in r]
-        if train_rows:
-            summary["final_model_scores"] = train_rows[-1]["objective/model_scores"]
-            summary["final_kl_estimate"] = train_rows[-1]["objective/kl"]
-            summary["seconds"] = train_rows[-1]["time/elapsed_s"]
-            summary["seconds_per_round"] = summary["seconds"] / max(len(train_rows), 1)
+        summary = {"name": cfg.name, **what, "rounds": last_round, **run_summary(rows)}
         extra = ""
         ev = self.run_.evaluator
         if ev is not None and hasattr(ev, "summarise"):  # e.g. held-out tables and samples of an HF run
@@ -605,7 +565,7 @@ def _check_fits(compiled: Any, name: str, cfg: TrainConfig, mesh: jax.sharding.M
     device = next((d for d in mesh.devices.flat if d.process_index == jax.process_index()), mesh.devices.flat[0])
     have = device_memory_bytes(device)
     if jax.process_count() > 1:  # every process decides alike (a refusal on one host alone would hang the rest)
-        mib = par.all_processes([-1 if have is None else have >> 20])[:, 0]  # MiB: int32-safe
+        mib = dist.all_processes([-1 if have is None else have >> 20])[:, 0]  # MiB: int32-safe
         known = [int(x) for x in mib if x >= 0]
         have = min(known) << 20 if known else None
     if have is not None and need > have:

@@ -184,13 +184,13 @@ def _read_parquet(path: Path) -> Iterator[Prompt]:
 def read_prompt_files(paths: Sequence[str | os.PathLike]) -> list[Prompt]:
     """All prompts of `paths`, in file then row order (JSONL lines are 1-based, Parquet rows 0-based)."""
     prompts: list[Prompt] = []
-    for path in _resolve_paths(paths):
+    for path in resolve_paths(paths):
         reader = _read_jsonl if path.suffix == ".jsonl" else _read_parquet
         prompts.extend(reader(path))
     return prompts
 
 
-def _resolve_paths(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def resolve_paths(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """Expand globs and check that every path is an existing file with a supported extension."""
     if isinstance(path_or_paths, (str, os.PathLike)):
         path_or_paths = [path_or_paths]
@@ -221,7 +221,7 @@ def _resolve_paths(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike
     return paths
 
 
-def _hash_files(paths: Sequence[Path]) -> str:
+def hash_files(paths: Sequence[Path]) -> str:
     """sha256 over the files' contents, in order: the dataset's identity (not names or mtimes)."""
     digest = hashlib.sha256()
     for path in paths:
@@ -356,12 +356,12 @@ def build_prompt_dataset(
     Returns:
       A `PromptDataSource`: `len()`, `num_examples`, `source[i]` -> decoded prompt.
     """
-    paths = _resolve_paths(path_or_paths)
+    paths = resolve_paths(path_or_paths)
     if name is None:
         name = re.sub(r"[^A-Za-z0-9_.]", "_", paths[0].stem) or "prompts"
     elif not _NAME_OK.match(name):
         raise ValueError(f"dataset name {name!r} may only contain letters, digits, '_' and '.'")
-    digest = _hash_files(paths)
+    digest = hash_files(paths)
     config = PromptFilesConfig(
         name=f"{name}-{digest[:16]}",
         description=f"Prompts from {', '.join(map(str, paths))} (sha256 {digest}).",

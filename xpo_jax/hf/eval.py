@@ -51,24 +51,25 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xpo_jax import parallel as par
-from xpo_jax.config import TrainConfig
+from xpo_jax.distributed import first_copy
 from xpo_jax.logprobs import completion_logprobs, has_eos
-from xpo_jax.reporting import samples_markdown
+from xpo_jax.parallel import Layout
+from xpo_jax.reporting import HELD_OUT_EVAL_KEYS, held_out_summary
 from xpo_jax.round import completion_logits_fn
 from xpo_jax.sampling import sample
 
+if TYPE_CHECKING:  # the config is read, never imported at run time (it sits in a higher layer)
+    from xpo_jax.config import TrainConfig
+
 Array = jax.Array
 
-EVAL_KEYS = ("eval/score", "eval/ref_score", "eval/win_rate", "eval/bt_win_prob", "eval/kl", "eval/length",
-             "eval/eos_rate", "eval/ref_length", "eval/ref_eos_rate")
 EVAL_SEED = 0xE7A1  # folded into the run's seed: the evaluation's sampling keys
 
 
@@ -192,15 +193,6 @@ def eval_rm_tokenizer(cfg: TrainConfig, tokenizer):
     return None
 
 
-def check_eval_batch(cfg: TrainConfig, mesh: Any) -> None:
-    """The evaluation's batch splits over the mesh's data x fsdp devices."""
-    shards = math.prod(mesh.shape[a] for a in par.batch_axes(mesh))
-    b = cfg.eval_batch_size or cfg.batch_size
-    if b % shards:
-        raise ValueError(f"--eval-batch-size={b} must be divisible by the mesh's {shards} devices "
-                         f"({dict(mesh.shape)}): each device takes an equal share of the rows")
-
-
 # ----------------------------------------------------------------------------------------------
 # The judge of the evaluation
 # ----------------------------------------------------------------------------------------------
@@ -235,9 +227,8 @@ class Responses(NamedTuple):
 
 @dataclasses.dataclass
 class _OnMesh:
-    """The placed inputs and the jitted programs of one mesh."""
+    """The placed inputs and the jitted programs, on the run's layout."""
 
-    mesh: Any
     x: Array
     xm: Array
     keys: Array
@@ -245,26 +236,6 @@ class _OnMesh:
     rm_params: Any
     dummy: Responses
     run: Callable  # (params, ref_params, ref: Responses) -> (Responses, (metrics, samples))
-
-
-def _mesh_of(state: Any):
-    for x in jax.tree_util.tree_leaves(state):
-        if isinstance(getattr(x, "sharding", None), NamedSharding):
-            return x.sharding.mesh
-    raise ValueError("the held-out evaluation needs a state placed on a mesh (Trainer / Program does this)")
-
-
-def _put(host: np.ndarray, sharding: NamedSharding) -> Array:
-    """A value every process holds in full, each device taking its own block."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-
-def _place(tree: Any, mesh) -> Any:
-    """Parameters on `mesh` by the FSDP rule (arrays already there are kept, no copy)."""
-    def put(x, s):
-        return x if isinstance(x, jax.Array) and x.sharding == s else par._put(x, s)
-
-    return jax.tree_util.tree_map(put, tree, par.param_shardings(tree, mesh))
 
 
 def prompt_text(row: Any) -> str:
@@ -279,24 +250,28 @@ class HeldOutEval:
     `evaluate(state, round_idx) -> (metrics, sample rows)` and `summarise(rows, samples)`."""
 
     in_graph = False
-    keys = EVAL_KEYS
+    keys = HELD_OUT_EVAL_KEYS
 
-    def __init__(self, cfg: TrainConfig, *, apply_fn: Callable, tokenizer: Any, held_out: HeldOut, judge: EvalJudge,
+    def __init__(self, cfg: TrainConfig, layout: Layout, *, apply_fn: Callable, tokenizer: Any, held_out: HeldOut, judge: EvalJudge,
                  max_new_tokens: int):
         self.cfg, self.apply_fn, self.tokenizer, self.held_out, self.judge = cfg, apply_fn, tokenizer, held_out, judge
+        self.layout = layout
+        layout.check_batch(cfg.eval_batch_size or cfg.batch_size, "--eval-batch-size")
+        # [nb, b, ...] arrays: the b rows of each batch over data x fsdp.
+        self.rows = NamedSharding(layout.mesh, P(None, *layout.batch.spec))
         self.N = max_new_tokens
         self.num_prompts = len(held_out.rows)
         self.num_samples = min(cfg.eval_samples, self.num_prompts)
         self.key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), EVAL_SEED)
         self._on: Optional[_OnMesh] = None
-        self.ref: Optional[Responses] = None  # the reference's pass, computed once per mesh
+        self.ref: Optional[Responses] = None  # the reference's pass, computed once
         self.seconds: list[float] = []  # wall time of each evaluation (the first includes compiling)
 
     # -- the programs ---------------------------------------------------------------------
 
-    def _generate(self, params, ref_params, x, xm, keys, mesh):
+    def _generate(self, params, ref_params, x, xm, keys):
         """[nb, b, ...] responses of `params` and both log-probs, one batch at a time (lax.map)."""
-        rows = par.batch_sharding(mesh)
+        rows = self.layout.batch
         logits_fn = completion_logits_fn(self.apply_fn, self.N)
         tok = self.tokenizer
 
@@ -346,9 +321,8 @@ class HeldOutEval:
         samples = tuple(flat(a)[:k] for a in (out.tokens, out.mask, out.score, ref.tokens, ref.mask, ref.score))
         return metrics, samples
 
-    def _build(self, mesh) -> _OnMesh:
-        """Place the held-out set on `mesh` and jit the programs (compiled at their first call)."""
-        check_eval_batch(self.cfg, mesh)
+    def _build(self) -> _OnMesh:
+        """Place the held-out set on the layout and jit the programs (compiled at their first call)."""
         # b does not depend on the mesh: nor do the sampling keys and noise, so any mesh gives
         # the one-device evaluation.
         E, b = self.num_prompts, self.cfg.eval_batch_size or self.cfg.batch_size
@@ -358,18 +332,18 @@ class HeldOutEval:
         x = np.concatenate([self.held_out.tokens, np.repeat(self.held_out.tokens[:1], pad, 0)]).reshape(nb, b, -1)
         xm = np.concatenate([self.held_out.mask, np.repeat(self.held_out.mask[:1], pad, 0)]).reshape(nb, b, -1)
         w = (np.arange(nb * b) < E).astype(np.float32).reshape(nb, b)
-        rows, rep = NamedSharding(mesh, P(None, par.batch_axes(mesh))), par.replicated(mesh)
+        layout, rows, rep = self.layout, self.rows, self.layout.replicated
         keys = np.asarray(jax.random.split(self.key, nb))
         N = self.N
         zeros = lambda: Responses(jnp.zeros((nb, b, N), jnp.int32), jnp.zeros((nb, b, N), jnp.int32),
                                   *(jnp.zeros((nb, b), jnp.float32) for _ in range(3)))
         dummy = jax.jit(zeros, out_shardings=rows)()
-        on = dict(mesh=mesh, x=_put(x, rows), xm=_put(xm, rows), keys=_put(keys, rep), w=_put(w, rows),
-                  rm_params=_place(self.judge.params, mesh), dummy=dummy)
+        on = dict(x=layout.place(x, rows), xm=layout.place(xm, rows), keys=layout.place(keys, rep),
+                  w=layout.place(w, rows), rm_params=layout.place(self.judge.params), dummy=dummy)
         outs = (rows, rep)
         if self.judge.host is None:
             def fused(params, ref_params, rm_params, x, xm, keys, w, ref):
-                out = self._generate(params, ref_params, x, xm, keys, mesh)
+                out = self._generate(params, ref_params, x, xm, keys)
                 out = out._replace(score=self._score_fused(rm_params, x, xm, out))
                 return out, self._report(out, ref, w)
 
@@ -379,7 +353,7 @@ class HeldOutEval:
                 o = self._on
                 return program(params, ref_params, o.rm_params, o.x, o.xm, o.keys, o.w, ref)
         else:
-            generate = jax.jit(lambda *a: self._generate(*a, mesh), out_shardings=rows)
+            generate = jax.jit(self._generate, out_shardings=rows)
 
             def finish(rm_params, rt, rtm, out, ref, w):
                 out = out._replace(score=self._score_encoded(rm_params, rt, rtm))
@@ -411,20 +385,19 @@ class HeldOutEval:
         rt = np.full((nb * b, host.width), host.rm_tokenizer.pad_id, np.int32)
         rtm = np.zeros((nb * b, host.width), np.int32)
         rt[flat], rtm[flat] = t, m
-        return _put(rt.reshape(nb, b, -1), rows), _put(rtm.reshape(nb, b, -1), rows)
+        return self.layout.place(rt.reshape(nb, b, -1), rows), self.layout.place(rtm.reshape(nb, b, -1), rows)
 
     # -- the evaluator's interface ----------------------------------------------------------
 
     def evaluate(self, state: Any, round_idx: int) -> tuple[dict, list]:
-        """(eval/* metrics, sample rows) of `state` (placed on the training mesh)."""
+        """(eval/* metrics, sample rows) of `state` (placed on the run's layout)."""
         t0 = time.perf_counter()
-        mesh = _mesh_of(state)
-        if self._on is None or self._on.mesh != mesh:
-            self._on, self.ref = self._build(mesh), None
+        if self._on is None:
+            self._on = self._build()
         if self.ref is None:  # the reference's pass: the same executable as the policy's
             self.ref = self._on.run(state.ref_params, state.ref_params, self._on.dummy)[0]
         _, (metrics, samples) = self._on.run(state.params, state.ref_params, self.ref)
-        metrics, samples = par.first_copy((metrics, samples))
+        metrics, samples = first_copy((metrics, samples))
         metrics = {k: float(v) for k, v in metrics.items()}
         self.seconds.append(time.perf_counter() - t0)
         return metrics, self._sample_rows(*samples)
@@ -436,29 +409,7 @@ class HeldOutEval:
                  "reference_score": float(score_ref[i])} for i in range(len(y))]
 
     def summarise(self, rows: list[dict], samples: list[dict]) -> tuple[dict, str]:
-        """Summary entries (the reference's and the final evaluation) and markdown: the
-        evaluation table at the first and last evaluated round, and three samples side by side
-        (reference and policy) at the last one."""
-        ev = [r for r in rows if "eval/win_rate" in r]
-        if not ev:
-            return {}, ""
-        first, last = ev[0], ev[-1]
-        entries = {"eval_prompts": self.num_prompts, "eval_judge": self.judge.name,
-                   "eval_temperature": self.cfg.eval_temperature,
-                   "reference_eval_score": first["eval/ref_score"], "final_eval_score": last["eval/score"],
-                   "final_eval_win_rate": last["eval/win_rate"], "final_eval_bt_win_prob": last["eval/bt_win_prob"],
-                   "final_eval_kl": last["eval/kl"], "best_eval_win_rate": max(r["eval/win_rate"] for r in ev)}
-        cols = (("score", "eval/score"), ("ref score", "eval/ref_score"), ("win rate", "eval/win_rate"),
-                ("BT win prob", "eval/bt_win_prob"), ("KL", "eval/kl"), ("length", "eval/length"),
-                ("ref length", "eval/ref_length"), ("EOS rate", "eval/eos_rate"), ("ref EOS rate", "eval/ref_eos_rate"))
-        table = ["| round | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
-        table += [f"| {r['round']} | " + " | ".join(f"{r[k]:.4f}" for _, k in cols) + " |"
-                  for r in ([first, last] if last is not first else [first])]
-        text = (f"### Held-out evaluation: {self.num_prompts} prompts ({self.held_out.flag}), judged by "
-                f"{self.judge.name}, temperature {self.cfg.eval_temperature:g}\n\n" + "\n".join(table))
-        shown = [s for s in samples if s.get("round") == last["round"]][:3]
-        if shown:
-            side = [{"prompt": s["prompt"], "reference": f"{s['reference']} ({s['reference_score']:.3f})",
-                     f"policy (round {last['round']})": f"{s['policy']} ({s['policy_score']:.3f})"} for s in shown]
-            text += f"\n\n### Samples at round {last['round']} (score in brackets)\n\n" + samples_markdown(side)
-        return entries, text
+        """Summary entries and markdown of the evaluations in `rows` (`reporting.held_out_summary`)."""
+        about = {"eval_prompts": self.num_prompts, "eval_judge": self.judge.name,
+                 "eval_temperature": self.cfg.eval_temperature, "eval_source": self.held_out.flag}
+        return held_out_summary(rows, samples, about)

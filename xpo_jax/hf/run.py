@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import jax
 import numpy as np
 
-from xpo_jax.config import TrainConfig
 from xpo_jax.models.hf import load_hf
 from xpo_jax.models.transformer import RewardModel, Transformer
 from xpo_jax.oracles import reward_model_oracle
-from xpo_jax.parallel import barrier, param_sharding_fn
+from xpo_jax.distributed import barrier
+from xpo_jax.parallel import Layout
 from xpo_jax.hf.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # the config is read, never imported at run time (it sits in a higher layer)
+    from xpo_jax.config import TrainConfig
 
 Array = jax.Array
 
@@ -180,26 +183,26 @@ def _load(flag: str, path: str, want_kind: str, sharding_fn: Optional[Callable],
     return config, params
 
 
-def build_hf_pieces(cfg: TrainConfig, mesh: Any = None) -> HFPieces:
-    from xpo_jax.hf.data import PromptIterator, _hash_files, _resolve_paths, build_prompt_dataset
-    from xpo_jax.hf.eval import EvalJudge, HeldOutEval, check_eval_batch, eval_rm_tokenizer, split_prompts
+def build_hf_pieces(cfg: TrainConfig, layout: Layout) -> HFPieces:
+    """Tokenizers, prompts, the policy (also the reference) and reward model loaded straight into
+    `layout`'s shardings, the judge (fused or on the host) and the held-out evaluation."""
+    from xpo_jax.hf.data import PromptIterator, build_prompt_dataset, hash_files, resolve_paths
+    from xpo_jax.hf.eval import EvalJudge, HeldOutEval, eval_rm_tokenizer, split_prompts
 
     check_hf_inputs(cfg)
-    sharding_fn = None
-    if mesh is not None:
-        sharding_fn = param_sharding_fn(mesh)
+    sharding_fn = layout.param_fn()
     tok = TextTokenizer.from_dir(cfg.policy)
     rm_tok = TextTokenizer.from_dir(cfg.reward_model)
     # The prompts before the weights: a held-out set that is empty, or that leaves no training
     # batch, fails here (each error names its flag), before anything is loaded or compiled.
-    paths = _resolve_paths([p for p in cfg.prompts.split(",") if p])
+    paths = resolve_paths([p for p in cfg.prompts.split(",") if p])
     data_dir = os.path.join(cfg.run_dir, cfg.name, "data")
     if jax.process_index() == 0:  # prepare once (shared storage), then every process opens it
         build_prompt_dataset(paths, data_dir)
     barrier("xpo_jax:prompt-dataset")
     source, held_out = split_prompts(cfg, build_prompt_dataset(paths, data_dir), tok)
-    if held_out is not None and mesh is not None:
-        check_eval_batch(cfg, mesh)
+    if held_out is not None:
+        layout.check_batch(cfg.eval_batch_size or cfg.batch_size, "--eval-batch-size")
     eval_rm_tok = eval_rm_tokenizer(cfg, tok) if cfg.eval_reward_model else None
     # The policy checkpoint is the reference: stored in --ref-dtype; the policy's master copy is
     # made from it in --param-dtype when the state is initialised.
@@ -231,7 +234,7 @@ def build_hf_pieces(cfg: TrainConfig, mesh: Any = None) -> HFPieces:
     else:
         judge = HostJudge(tok, rm_tok, rm.apply, rm_params, width=cfg.max_prompt_length + 4 * n)
     iterator = PromptIterator(source, cfg.batch_size, seed=cfg.seed)  # without the held-out rows
-    prompts = FilePrompts(iterator, tok, cfg, fingerprint=_hash_files(paths))
+    prompts = FilePrompts(iterator, tok, cfg, fingerprint=hash_files(paths))
     evaluator = None
     if held_out is not None:
         # The evaluation's judge: --eval-reward-model, else the training reward model; inside
@@ -249,6 +252,6 @@ def build_hf_pieces(cfg: TrainConfig, mesh: Any = None) -> HFPieces:
             ev_host = None if same else HostJudge(tok, eval_rm_tok, ev_rm.apply, ev_params,
                                                   width=cfg.max_prompt_length + 4 * n)
             ev_judge = EvalJudge(ev_rm.apply, ev_params, cfg.eval_reward_model, ev_host)
-        evaluator = HeldOutEval(cfg, apply_fn=model.apply, tokenizer=tok, held_out=held_out, judge=ev_judge,
+        evaluator = HeldOutEval(cfg, layout, apply_fn=model.apply, tokenizer=tok, held_out=held_out, judge=ev_judge,
                                 max_new_tokens=n)
     return HFPieces(model.apply, params, tok, n, oracle, judge, prompts, evaluator)

@@ -272,7 +272,7 @@ class Task:
         set_("prompt_mask", real.astype(np.int32))
         set_("model_config", dataclasses.replace(config, suppress_ids=self.suppressed_ids).validate())
         if self.reference_params is not None:
-            set_("reference_params", self._checked_params(self.reference_params, where))
+            set_("reference_params", self.checked_params(self.reference_params, where))
 
     # -- shapes ---------------------------------------------------------------------------
 
@@ -333,7 +333,7 @@ class Task:
         """The model's parameters as ``jax.ShapeDtypeStruct`` leaves (nothing computed)."""
         return jax.eval_shape(self.init_params, jax.ShapeDtypeStruct((2,), jnp.uint32))
 
-    def _checked_params(self, params: Any, where: str) -> Any:
+    def checked_params(self, params: Any, where: str) -> Any:
         """``params`` as host arrays of the model's dtypes, after checking that its tree and
         shapes are the model's; ValueError naming the first mismatch."""
         want = {jax.tree_util.keystr(k): v for k, v in

@@ -71,7 +71,7 @@ def _content_tokens(key: Array, shape: tuple) -> Array:
     return jax.random.randint(key, shape, FIRST_CONTENT, VOCAB_SIZE)
 
 
-def _pick_prompts(key: Array, prompts: np.ndarray, prompt_mask: np.ndarray, batch_size: int):
+def pick_prompts(key: Array, prompts: np.ndarray, prompt_mask: np.ndarray, batch_size: int):
     idx = jax.random.randint(key, (batch_size,), 0, prompts.shape[0])
     return jnp.asarray(prompts)[idx], jnp.asarray(prompt_mask)[idx]
 
@@ -158,7 +158,7 @@ def make_hard_explore_task(
 
     def demonstrations(key, batch_size):
         k_prompt, k_prefix, k_noise, k_letter = jax.random.split(key, 4)
-        p, pm = _pick_prompts(k_prompt, prompts, prompt_mask, batch_size)
+        p, pm = pick_prompts(k_prompt, prompts, prompt_mask, batch_size)
         target = reverse_target(p, pm)[0][:, :prompt_len]
         known = jax.random.categorical(k_prefix, prefix_logits, shape=(batch_size,))[:, None]
         shape = (batch_size, prompt_len)
@@ -207,7 +207,7 @@ def make_copy_task(
 
     def demonstrations(key, batch_size):
         k_prompt, k_noise, k_tok = jax.random.split(key, 3)
-        p, pm = _pick_prompts(k_prompt, prompts, prompt_mask, batch_size)
+        p, pm = pick_prompts(k_prompt, prompts, prompt_mask, batch_size)
         target, length = left_align(p, pm)
         flip = jax.random.bernoulli(k_noise, noise, target.shape)
         body = jnp.where(flip, _content_tokens(k_tok, target.shape), target)

@@ -33,7 +33,7 @@ import numpy as np
 from xpo_jax.models.tabular import TabularPolicy
 from xpo_jax.models.transformer import Transformer
 from xpo_jax.tasks.base import Task, tiny_model_config
-from xpo_jax.tasks.builtin import EOS_ID, PAD_ID, _pick_prompts, prefix_match_reward
+from xpo_jax.tasks.builtin import EOS_ID, PAD_ID, pick_prompts, prefix_match_reward
 
 PRESET_COVERAGES = (1e-1, 1e-2, 1e-3, 1e-4)
 
@@ -233,7 +233,7 @@ def make_chain_transformer_task(*, coverage: float, name: str | None = None,
 
     def demonstrations(key, batch_size):
         k_prompt, k_sample = jax.random.split(key)
-        p, pm = _pick_prompts(k_prompt, prompts, prompt_mask, batch_size)
+        p, pm = pick_prompts(k_prompt, prompts, prompt_mask, batch_size)
         out = sampling.sample(policy.apply, table_params, p, pm, k_sample, max_new_tokens=n,
                               eos_id=EOS_ID, pad_id=PAD_ID)
         return p, pm, out.tokens, out.mask

@@ -183,7 +183,7 @@ def _read(path: str, task: Task) -> Any:
     if hashlib.sha256(payload).digest() != digest:
         raise ValueError("checksum mismatch")
     params = serialization.msgpack_restore(payload)
-    params = task._checked_params(params, f"cache file of task {task.name!r}")
+    params = task.checked_params(params, f"cache file of task {task.name!r}")
     want = jax.tree_util.tree_structure(task.param_shapes())
     if jax.tree_util.tree_structure(params) != want:
         raise ValueError(f"parameter tree {jax.tree_util.tree_structure(params)} != {want}")
