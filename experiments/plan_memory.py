@@ -106,13 +106,14 @@ def model_config(name: str, **overrides):
                        **overrides).validate()
 
 
-def plan(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, compute_dtype: str = "float32",
-         param_dtype: str = "float32", ref_dtype: str = "float32", reward_dtype: str = "float32",
-         remat: str = "none", micro_batches: int = 1, reward_config=None, constrain_activations: bool = False,
-         compiler_options: dict | None = None) -> dict:
-    """Compile the fused round for `config` (the policy's ModelConfig; its dtype fields are
-    replaced by the arguments) on `mesh` ahead of time, on abstract sharded inputs, and return
-    memory_analysis() per device (bytes) and the lower / compile seconds.
+def lower_round(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, compute_dtype: str = "float32",
+                param_dtype: str = "float32", ref_dtype: str = "float32", reward_dtype: str = "float32",
+                remat: str = "none", micro_batches: int = 1, reward_config=None,
+                constrain_activations: bool = False):
+    """Lower the fused round for `config` (the policy's ModelConfig; its dtype fields are replaced
+    by the arguments) on `mesh`, on abstract sharded inputs. Returns (lowered, parts): parts holds
+    the abstract state and reward-model parameters (ShapeDtypeStructs carrying their shardings,
+    for reading which collectives move weights), the global sizes and lower_s.
 
     The reward model is `RewardModel(reward_config or config)` stored in `reward_dtype`; the
     reference is the policy's shape stored in `ref_dtype`; the policy's master weights and Adam's
@@ -122,8 +123,7 @@ def plan(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, compute_
     mask and every layer's input and output hidden states [B, T, D] are pinned to the batch
     sharding (rows over data x fsdp) with `with_sharding_constraint`, by wrapping
     `Decoder.__call__` / `Decoder.extend` / `DecoderLayer.__call__` for this compile only.
-    Without it XLA's sharding propagation is free to lay activations out as it likes.
-    `compiler_options`: XLA debug options for this compile (e.g. {"xla_backend_optimization_level": 0})."""
+    Without it XLA's sharding propagation is free to lay activations out as it likes."""
     import jax
     import jax.numpy as jnp
 
@@ -170,22 +170,45 @@ def plan(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, compute_
     t0 = time.perf_counter()
     with _batch_constrained_layers(mesh if constrain_activations else None):
         lowered = step.lower(state, prompts, prompts, oracle)
-    t1 = time.perf_counter()
-    c0 = time.process_time()
-    compiled = lowered.compile(compiler_options=compiler_options)
-    t2, c1 = time.perf_counter(), time.process_time()
-    m = compiled.memory_analysis()
     nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
-    out = dict(
-        lower_s=t1 - t0, compile_s=t2 - t1, compile_cpu_s=c1 - c0,
-        argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
-        temp_bytes=int(m.temp_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes),
-        generated_code_bytes=int(m.generated_code_size_in_bytes),
+    parts = dict(
+        state=state, reward_params=rm_params, lower_s=time.perf_counter() - t0,
         # Whole (unsharded) sizes, for reading the per-device numbers against.
         global_state_bytes=nbytes(state_shapes), global_reward_model_bytes=nbytes(rm_shapes),
         global_params=int(sum(x.size for x in jax.tree_util.tree_leaves(ref_shapes))),
     )
+    return lowered, parts
+
+
+def compile_lowered(lowered, compiler_options: dict | None = None):
+    """(compiled, dict(compile_s, compile_cpu_s)): `lowered.compile`, timed (wall and this
+    process's CPU seconds)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    compiled = lowered.compile(compiler_options=compiler_options)
+    return compiled, dict(compile_s=time.perf_counter() - t0, compile_cpu_s=time.process_time() - c0)
+
+
+def memory_of(compiled) -> dict:
+    """`compiled.memory_analysis()` per device, in bytes, with total = argument + output + temp -
+    alias (what `xpo_jax.train._check_fits` checks)."""
+    m = compiled.memory_analysis()
+    out = dict(argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+               temp_bytes=int(m.temp_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes),
+               generated_code_bytes=int(m.generated_code_size_in_bytes))
     out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    return out
+
+
+def plan(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, compiler_options: dict | None = None,
+         **kwargs) -> dict:
+    """Compile the fused round (`lower_round(config, mesh, ..., **kwargs)`: dtypes, remat,
+    micro_batches, reward_config, constrain_activations) ahead of time and return
+    memory_analysis() per device (bytes) and the lower / compile seconds.
+    `compiler_options`: XLA debug options for this compile (e.g. {"xla_backend_optimization_level": 0})."""
+    lowered, parts = lower_round(config, mesh, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, **kwargs)
+    compiled, timing = compile_lowered(lowered, compiler_options)
+    out = dict(lower_s=parts["lower_s"], **timing, **memory_of(compiled))
+    out.update({k: parts[k] for k in ("global_state_bytes", "global_reward_model_bytes", "global_params")})
     return out
 
 
@@ -284,19 +307,24 @@ def all_rows() -> list[dict]:
     return rows + last
 
 
-def load_done() -> dict:
+def load_done(path: str = JSONL, key=None) -> dict:
+    """The finished rows of a JSONL results file, by `key(row)` (default `row_id`)."""
+    key = row_id if key is None else key
     done = {}
-    if os.path.exists(JSONL):
-        with open(JSONL) as f:
+    if os.path.exists(path):
+        with open(path) as f:
             for line in f:
                 line = line.strip()
                 if line:
                     r = json.loads(line)
-                    done[row_id(r)] = r
+                    done[key(r)] = r
     return done
 
 
-def run_row(spec: dict, timeout: float, dump_to: str | None = None) -> dict:
+def run_row(spec: dict, timeout: float, dump_to: str | None = None, script: str = __file__) -> dict:
+    """Run `script --child SPEC` in a fresh process with spec["devices"] simulated CPU devices (and
+    spec["opt"] as XLA's CPU optimisation level) and return the JSON line it prints last, plus
+    wall_s; a failure or a timeout returns the spec with an "error"."""
     flags = f"--xla_force_host_platform_device_count={spec['devices']}"
     if dump_to:  # the optimised HLO and XLA's buffer-assignment report of the round
         flags += f" --xla_dump_to={dump_to} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*round_fn.*"
@@ -307,7 +335,7 @@ def run_row(spec: dict, timeout: float, dump_to: str | None = None) -> dict:
     for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
         env.pop(k, None)  # every compile from nothing
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], env=env,
+    proc = subprocess.Popen([sys.executable, os.path.abspath(script), "--child", json.dumps(spec)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         out, err = proc.communicate(timeout=timeout)
