@@ -590,7 +590,7 @@ def test_resume_check_covers_every_shape_determining_option(run):
     resume. Those that may: none changes a state shape or dtype (mesh options change only the
     layout, which orbax reshards)."""
     allowed = {"rounds", "resume", "overwrite", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints",
-               "eval_every", "eval_samples", "name", "run_dir", "data", "fsdp"}
+               "eval_every", "eval_samples", "name", "run_dir", "data", "fsdp", "tensor"}
     assert RESUME_MAY_DIFFER == allowed  # a new entry needs a reason here
     def shapes(tree):
         return [(jax.tree_util.keystr(p), x.shape, x.dtype) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -674,9 +674,9 @@ CLI_CASES = {
                           ["--run-dir=", "is a file, not a directory"]),
     "batch-vs-data-x-fsdp": (None, lambda f, t: ["--run-dir", str(t), "--data", "4", "--fsdp", "2", *CLI_FLAGS,
                                                  "--batch-size", "12"],
-                             ["--batch-size=12: must be divisible by --data x --fsdp = 8"]),
+                             ["--batch-size=12 must be divisible by the mesh's 8 batch shards (data 4 x fsdp 2)"]),
     "batch-vs-mesh": (None, lambda f, t: ["--run-dir", str(t), "--fsdp", "2", *CLI_FLAGS, "--batch-size", "12"],
-                      ["--batch-size=12 must be divisible by the mesh's 8 devices"]),
+                      ["--batch-size=12 must be divisible by the mesh's 8 batch shards (data 4 x fsdp 2)"]),
     "missing-prompt-file": ("hf", lambda h, t: ["--policy", h["policy"], "--reward-model", h["rm"], "--prompts",
                                                 str(t / "nope.jsonl"), "--run-dir", str(t), *HF_FLAGS],
                             ["--prompts: no file matches", "nope.jsonl"]),

@@ -189,12 +189,18 @@ def resolve_bonus(bonus: str) -> Term:
 
 
 def check_params(term: Term, params: Optional[Mapping[str, Any]] = None, beta: float = 0.1) -> dict:
-    """`term.resolved(params)`, then the function run once on a tiny concrete batch so that its
-    own range checks (`check_range`) refuse a bad value now, before anything compiles."""
+    """`term.resolved(params)`, then the function traced once on a tiny abstract batch with the
+    values concrete, so that its own range checks (`check_range`) refuse a bad value now, before
+    anything compiles. Abstract (`eval_shape`): validation must not start JAX's backend, which a
+    multi-process run initialises only after `initialize_distributed()`."""
     values = term.resolved(params)
-    z = np.zeros(2, np.float32)
-    extra = {"ref_margins": z} if term.needs_ref_margins else {}
-    term.fn(z, z, beta=beta, **extra, **values)
+    z = jax.ShapeDtypeStruct((2,), np.float32)
+
+    def run(hw, hl, margins):
+        extra = {"ref_margins": margins} if term.needs_ref_margins else {}
+        return term.fn(hw, hl, beta=beta, **extra, **values)
+
+    jax.eval_shape(run, z, z, z)
     return values
 
 
