@@ -155,7 +155,8 @@ class Program:
     process's rows, assembled into the global batch (`Layout.shard_batch`). With a host judge
     `step` is the two jitted halves with the judge on the host between them."""
 
-    def __init__(self, run: Run, layout: Layout):
+    def __init__(self, run: Run, layout: Any):
+        layout = Layout.of(layout)  # a Mesh or a Layout
         self.run, self.layout = run, layout
         shapes = run.state_shapes()
         st = self.state_sharding = layout.state(shapes)
@@ -257,6 +258,20 @@ class Program:
 # ----------------------------------------------------------------------------------------------
 
 
+class _Loop:
+    """The mutable state of one `Trainer.run` call, shared by its step and hooks."""
+
+    def __init__(self, ckpt: Any):
+        self.ckpt = ckpt
+        self.state: Any = None
+        self.data_key: Any = None
+        self.start = self.end = self.last_saved = 0
+        self.last_good: Optional[int] = None  # the newest checkpoint known to verify (restored or saved here)
+        self.log = self.writer = self.bar = None
+        self.old_handler: Any = None
+        self.t0 = self.t_offset = 0.0
+
+
 class Trainer:
     """The host loop (see the module docstring): `Trainer(cfg, mesh=None).run()`.
 
@@ -319,107 +334,155 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
-    # -- the loop -------------------------------------------------------------------------
+    # -- the loop: one step, then small hooks ----------------------------------------------
 
     def run(self, stop_after: Optional[int] = None) -> dict:
         """Train until cfg.rounds (or `stop_after` rounds in this call, for tests); returns the
         summary. Raises NonFiniteLoss on a NaN/inf loss without saving that round. After SIGTERM
-        the summary has "interrupted": True (and `self.interrupted` is set)."""
+        the summary has "interrupted": True (and `self.interrupted` is set).
+
+        Each round is `_step` (the compiled round, the finiteness check, the evaluator when due)
+        followed by the hooks `_log`, `_show_progress` and `_checkpoint` (which also acts on a
+        signal); `_open` restores or initialises the state and opens the outputs, `_close`
+        closes them on every path."""
+        if self.memory is None:  # before any state or file exists: a round that cannot fit is refused here
+            self.memory = self.program.compile()
+        loop = self._open(stop_after)
+        try:
+            if loop.start == 0 and self.program.has_eval and self.cfg.eval_every:
+                self._log(loop, {"round": 0, **self._evaluate(loop.state, 0, loop.writer)})
+            for r in range(loop.start + 1, loop.end + 1):
+                m = self._step(loop, r)
+                self._log(loop, m)
+                self._show_progress(loop, m)
+                if self._checkpoint(loop, r):
+                    break
+        finally:
+            self._close(loop)
+        self.state = loop.state
+        summary = self._summarise(loop.last_saved) if self.lead else {"rounds": loop.last_saved}
+        summary["interrupted"] = self.interrupted
+        return summary
+
+    def _open(self, stop_after: Optional[int]) -> "_Loop":
+        """The loop's state: the checkpointer, the restored (or fresh) state, the trimmed metrics
+        file and TensorBoard writer, the progress bar, the signal handler."""
         from xpo_jax.checkpoint import Checkpointer
 
-        cfg, run, prog = self.cfg, self.run_, self.program
-        if self.memory is None:  # before any state or file exists: a round that cannot fit is refused here
-            self.memory = prog.compile()
+        cfg, run = self.cfg, self.run_
         if self.lead:
             os.makedirs(self.out, exist_ok=True)
         dist.barrier("xpo_jax:run-dir")
-        ckpt = Checkpointer(self.ckpt_dir, keep=cfg.keep_checkpoints)
-        key = jax.random.PRNGKey(cfg.seed)
-        data_key = self.layout.place(run.data_key(key), self.layout.replicated)
-        start, state, t_offset = 0, None, 0.0
+        loop = _Loop(Checkpointer(self.ckpt_dir, keep=cfg.keep_checkpoints))
+        try:  # a failure here must still close what is open (orbax's threads would keep the process alive)
+            key = jax.random.PRNGKey(cfg.seed)
+            loop.data_key = self.layout.place(run.data_key(key), self.layout.replicated)
+            loop.state, loop.start = self._restore(loop.ckpt)
+            loop.last_good = loop.start if loop.state is not None else None
+            if loop.state is None:
+                loop.state = self.program.init(key, run.hparams())
+            loop.last_saved = loop.start
+            loop.end = cfg.rounds if stop_after is None else min(cfg.rounds, loop.start + stop_after)
+            if self.lead:
+                self._open_outputs(loop)
+            loop.bar = self._progress(loop.start)
+        except BaseException:
+            self._close(loop)
+            raise
+        loop.old_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        loop.t0 = time.perf_counter()
+        return loop
+
+    def _restore(self, ckpt) -> tuple[Any, int]:
+        """(state, round) of the newest checkpoint that verifies under --resume, else (None, 0).
+        Newer checkpoints that fail are set aside (kept as corrupt-<round>) and said so."""
+        cfg = self.cfg
+        if not cfg.resume:
+            return None, 0
+        restored = ckpt.restore_latest_good(self.program.abstract_state)
+        if restored is None:
+            print(f"--resume: no checkpoint in {ckpt.directory}; starting at round 1", flush=True)
+            return None, 0
+        state, saved_cfg, data, note = restored
+        check_resumable(saved_cfg, cfg.to_dict())
+        start = int(data["round"])
+        self._restore_prompts(data)
+        if ckpt.skipped:  # newer checkpoints that do not verify: keep them, out of the way
+            moved = ckpt.set_aside(ckpt.skipped) if self.lead else []
+            dist.barrier("xpo_jax:set-aside")
+            ckpt.reload()
+            note += f"; set aside as {', '.join(moved)}" if moved else ""
+        if note:
+            print(note, flush=True)
+        print(f"resumed from {ckpt.directory}/{start} (round {start} of {cfg.rounds})", flush=True)
+        return state, start
+
+    def _open_outputs(self, loop: "_Loop") -> None:
+        """Process 0: metrics.jsonl and samples.jsonl cut back to the start round, config.json,
+        a TensorBoard writer replaying the kept rows; the clock continues from the last kept row."""
         log_path = os.path.join(self.out, "metrics.jsonl")
-        last_good: Optional[int] = None  # the newest checkpoint known to verify (restored or saved here)
-        if cfg.resume:
-            restored = ckpt.restore_latest_good(prog.abstract_state)
-            if restored is None:
-                print(f"--resume: no checkpoint in {ckpt.directory}; starting at round 1", flush=True)
-            else:
-                state, saved_cfg, data, note = restored
-                check_resumable(saved_cfg, cfg.to_dict())
-                start = last_good = int(data["round"])
-                self._restore_prompts(data)
-                if ckpt.skipped:  # newer checkpoints that do not verify: keep them, out of the way
-                    moved = ckpt.set_aside(ckpt.skipped) if self.lead else []
-                    dist.barrier("xpo_jax:set-aside")
-                    ckpt.reload()
-                    note += f"; set aside as {', '.join(moved)}" if moved else ""
-                if note:
-                    print(note, flush=True)
-                print(f"resumed from {ckpt.directory}/{start} (round {start} of {cfg.rounds})", flush=True)
-        if state is None:
-            state = prog.init(key, run.hparams())
-        writer = None
-        if self.lead:
-            kept = _trim_metrics(log_path, start)
-            _trim_metrics(os.path.join(self.out, "samples.jsonl"), start)
-            t_offset = kept[-1].get("time/elapsed_s", 0.0) if kept else 0.0
-            with open(os.path.join(self.out, "config.json"), "w") as f:
-                f.write(cfg.to_json())
-            writer = self._tensorboard(kept)
-        log = open(log_path, "a") if self.lead else None
-        bar = self._progress(start)
-        old_handler = signal.signal(signal.SIGTERM, self._on_signal)
-        if start == 0 and prog.has_eval and cfg.eval_every:
-            self._write(log, writer, {"round": 0, **self._evaluate(state, 0, writer)})
-        last_saved = start
-        end = cfg.rounds if stop_after is None else min(cfg.rounds, start + stop_after)
-        t0 = time.perf_counter()
-        try:
-            for r in range(start + 1, end + 1):
-                state, metrics = prog.step(state, data_key, r - 1)
-                m = {k: float(v) for k, v in dist.first_copy(metrics).items()}
-                if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
-                    where = (f"the last good checkpoint (round {last_good}) is untouched" if last_good is not None
-                             else "no checkpoint was saved yet")
-                    raise NonFiniteLoss(f"round {r}: loss={m['loss']}, grad_norm={m['grad_norm']}; stopping without "
-                                        f"saving it: {where}.")
-                if prog.has_eval and cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds):
-                    m.update(self._evaluate(state, r, writer))
-                m["round"] = r
-                m["time/elapsed_s"] = t_offset + time.perf_counter() - t0
-                self._write(log, writer, m)
-                if bar is not None:
-                    bar.update(1)
-                    post = {"reward": m.get("task/reward", m["objective/model_scores"]), "kl": m["objective/kl"]}
-                    if "eval/j_beta" in m:
-                        post["J"] = m["eval/j_beta"]
-                    if "eval/win_rate" in m:
-                        post["win"] = m["eval/win_rate"]
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
-                stop = dist.any_process(self._stop_signal is not None)
-                due = cfg.checkpoint_every and r % cfg.checkpoint_every == 0
-                if due or r == end or stop:
-                    ckpt.save(r, state, cfg.to_dict(), self._data_position(r))
-                    last_saved = last_good = r
-                if stop:
-                    self.interrupted = True
-                    if self.lead:
-                        print(f"\nsignal: saved round {r} to {ckpt.directory}; exiting (resume with --resume)",
-                              flush=True)
-                    break
-        finally:
-            signal.signal(signal.SIGTERM, old_handler)
-            if log is not None:
-                log.close()
-            if writer is not None:
-                writer.close()
-            if bar is not None:
-                bar.close()
-            ckpt.close()
-        self.state = state
-        summary = self._summarise(last_saved) if self.lead else {"rounds": last_saved}
-        summary["interrupted"] = self.interrupted
-        return summary
+        kept = _trim_metrics(log_path, loop.start)
+        _trim_metrics(os.path.join(self.out, "samples.jsonl"), loop.start)
+        loop.t_offset = kept[-1].get("time/elapsed_s", 0.0) if kept else 0.0
+        with open(os.path.join(self.out, "config.json"), "w") as f:
+            f.write(self.cfg.to_json())
+        loop.writer = self._tensorboard(kept)
+        loop.log = open(log_path, "a")
+
+    def _close(self, loop: "_Loop") -> None:
+        if loop.old_handler is not None:
+            signal.signal(signal.SIGTERM, loop.old_handler)
+        for f in (loop.log, loop.writer, loop.bar):
+            if f is not None:
+                f.close()
+        loop.ckpt.close()
+
+    def _step(self, loop: "_Loop", r: int) -> dict:
+        """Round r: the compiled round, refused when its loss or gradient norm is not finite
+        (nothing of it saved), plus the evaluator's metrics when due; host floats."""
+        cfg = self.cfg
+        loop.state, metrics = self.program.step(loop.state, loop.data_key, r - 1)
+        m = {k: float(v) for k, v in dist.first_copy(metrics).items()}
+        if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
+            where = (f"the last good checkpoint (round {loop.last_good}) is untouched" if loop.last_good is not None
+                     else "no checkpoint was saved yet")
+            raise NonFiniteLoss(f"round {r}: loss={m['loss']}, grad_norm={m['grad_norm']}; stopping without "
+                                f"saving it: {where}.")
+        if self.program.has_eval and cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds):
+            m.update(self._evaluate(loop.state, r, loop.writer))
+        m["round"] = r
+        m["time/elapsed_s"] = loop.t_offset + time.perf_counter() - loop.t0
+        return m
+
+    def _log(self, loop: "_Loop", m: dict) -> None:
+        self._write(loop.log, loop.writer, m)
+
+    @staticmethod
+    def _show_progress(loop: "_Loop", m: dict) -> None:
+        if loop.bar is None:
+            return
+        loop.bar.update(1)
+        post = {"reward": m.get("task/reward", m["objective/model_scores"]), "kl": m["objective/kl"]}
+        if "eval/j_beta" in m:
+            post["J"] = m["eval/j_beta"]
+        if "eval/win_rate" in m:
+            post["win"] = m["eval/win_rate"]
+        loop.bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
+
+    def _checkpoint(self, loop: "_Loop", r: int) -> bool:
+        """Save round r when due, at the last round of this call, or on a signal (any process's);
+        True when a signal asks the loop to stop (after saving)."""
+        cfg = self.cfg
+        stop = dist.any_process(self._stop_signal is not None)
+        due = cfg.checkpoint_every and r % cfg.checkpoint_every == 0
+        if due or r == loop.end or stop:
+            loop.ckpt.save(r, loop.state, cfg.to_dict(), self._data_position(r))
+            loop.last_saved = loop.last_good = r
+        if stop:
+            self.interrupted = True
+            if self.lead:
+                print(f"\nsignal: saved round {r} to {loop.ckpt.directory}; exiting (resume with --resume)", flush=True)
+        return bool(stop)
 
     # -- prompt-stream positions ----------------------------------------------------------
 
