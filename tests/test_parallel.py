@@ -261,7 +261,10 @@ def test_make_train_on_a_mesh_matches_the_trainer(setup, one_device):
     state, metrics = jax.jit(make_train(cfg, run, par.make_mesh(4, 2)))(setup["key"], run.hparams())
     assert metrics["loss"].shape == (ROUNDS,)
     assert max_diff(state.params, one_device["trainer"].state.params) <= PARAM_ATOL
-    np.testing.assert_array_equal(np.asarray(metrics["task/reward"]), [r["task/reward"] for r in one_device["rows"]])
+    # Two compiled programs (the meshed scan, the one-device Trainer): the batch mean is reduced in
+    # another order, so equal to float32 rounding, not bitwise.
+    np.testing.assert_allclose(np.asarray(metrics["task/reward"]), [r["task/reward"] for r in one_device["rows"]],
+                               rtol=1e-6, atol=1e-6)
     kernel = state.params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
 

@@ -144,7 +144,8 @@ def test_cells_equal_separate_runs(cli_sweep, i):
     run = build_run(cell_cfg)
     assert run.fns is not None
     state, m = jax.device_get(jax.jit(make_train(cell_cfg, run))(jax.random.PRNGKey(seed), run.hparams()))
-    np.testing.assert_array_equal(curves["task__reward"][i], m["task/reward"])
+    # the vmapped grid and the plain train are two compiled programs: float32 rounding, not bitwise
+    np.testing.assert_allclose(curves["task__reward"][i], m["task/reward"], rtol=1e-6, atol=1e-6)
     for k in ("eval/j_beta", "eval/kl", "eval/reward"):
         np.testing.assert_allclose(curves[k.replace("/", "__")][i], m[k], rtol=1e-4, atol=1e-6)
     assert final["j_beta"][i] == pytest.approx(float(m["eval/j_beta"][-1]), rel=1e-4, abs=1e-6)
