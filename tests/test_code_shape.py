@@ -12,7 +12,7 @@ MAX_BODY_LINES = 80
 
 # Each layer imports only its own and lower layers (README "The package").
 LAYERS = {
-    "low": {"registry", "parallel", "distributed", "reporting", "hlo"},
+    "low": {"registry", "parallel", "distributed", "reporting", "hlo", "rundir"},
     "core": {"losses", "logprobs", "sampling", "oracles", "pairs", "state", "round", "checkpoint", "models"},
     "data": {"tasks", "hf"},
     "driving": {"config", "run", "train", "sweeps", "cli", "__main__", "__init__"},

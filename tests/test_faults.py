@@ -590,7 +590,7 @@ def test_resume_check_covers_every_shape_determining_option(run):
     resume. Those that may: none changes a state shape or dtype (mesh options change only the
     layout, which orbax reshards)."""
     allowed = {"rounds", "resume", "overwrite", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints",
-               "eval_every", "eval_samples", "name", "run_dir", "data", "fsdp", "tensor"}
+               "eval_every", "eval_samples", "name", "run_dir", "data", "fsdp", "tensor", "accept_changed_models"}
     assert RESUME_MAY_DIFFER == allowed  # a new entry needs a reason here
     def shapes(tree):
         return [(jax.tree_util.keystr(p), x.shape, x.dtype) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -744,3 +744,383 @@ def test_exit_codes_are_documented():
     assert EXIT_INTERRUPTED == 75
     assert "75 stopped by SIGTERM" in " ".join(CLI_DOC.split()) and "0 finished" in CLI_DOC
     assert "EXIT_INTERRUPTED (75)" in train_module.__doc__ and "a finished run exits 0" in train_module.__doc__
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 19: the second fault probe
+# ----------------------------------------------------------------------------------------------
+
+from common import ROOT  # noqa: E402
+
+RUNDIR_PY = os.path.join(ROOT, "xpo_jax", "rundir.py")
+# xpo_jax/rundir.py alone (no jax import: a process starts in a fraction of a second): argv
+# [rundir.py, run dir, seconds to hold]; prints "won" (then holds) or "refused: <message>".
+LOCKER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("rundir_alone", sys.argv[1])
+m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+lock = m.RunDirLock(sys.argv[2])
+try:
+    lock.acquire()
+except m.RunDirLocked as e:
+    print("refused:", e, flush=True)
+else:
+    print("won", flush=True)
+    time.sleep(float(sys.argv[3]))
+"""
+
+
+def locker(out, hold: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LOCKER, RUNDIR_PY, str(out), str(hold)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run_cli(command, argv, capsys):
+    """(exit status, stderr, seconds, round programs compiled) of `xpo-jax COMMAND ARGV` in-process."""
+    capsys.readouterr()
+    n = len(COMPILES)
+    t0 = time.perf_counter()
+    rc = cli_main([command, *argv])
+    seconds = time.perf_counter() - t0
+    return rc, capsys.readouterr().err, seconds, [c for c in COMPILES[n:] if c in ROUND_PROGRAMS]
+
+
+def one_line(err: str, command: str, *fragments: str) -> None:
+    prefix = f"xpo-jax {command}: error: "
+    assert err.count(prefix) == 1 and "Traceback" not in err, err
+    line = err[err.index(prefix):]
+    assert "\n" not in line.rstrip("\n"), line
+    for f in fragments:
+        assert f in line, (f, line)
+
+
+def test_a_second_process_on_a_run_dir_refuses_at_once_naming_the_holder(run, tmp_path, capsys):
+    """Two processes on one name once lost metrics (or hung): the second refuses at once, naming
+    the holder's pid and host (train and sweep alike); a holder killed with SIGKILL leaves a stale
+    lock that the next run takes over; a Trainer that refuses leaves no lock behind."""
+    import socket
+
+    from xpo_jax.rundir import lock_path
+
+    out = tmp_path / "busy"
+    holder = locker(out, 120)
+    try:
+        assert holder.stdout.readline().strip() == "won"
+        for command in ("train", "sweep"):
+            rc, err, seconds, compiled = run_cli(command, ["--run-dir", str(tmp_path), "--name", "busy", *CLI_FLAGS],
+                                                 capsys)
+            assert rc == 2 and seconds < FAST_S and not compiled, err
+            one_line(err, command, "is in use by another process", f"pid {holder.pid}", socket.gethostname())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.exists(lock_path(str(out)))  # SIGKILL: nothing released it
+    capsys.readouterr()
+    t = Trainer(dataclasses.replace(CFG, run_dir=str(tmp_path), name="busy"), run=run)
+    assert "took over the stale lock" in capsys.readouterr().out
+    assert json.loads(open(lock_path(str(out))).read())["pid"] == os.getpid()
+    t.lock.release()
+    assert not os.path.exists(lock_path(str(out)))
+    (out / "metrics.jsonl").parent.mkdir(exist_ok=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="holds an earlier run's output"):
+        Trainer(dataclasses.replace(CFG, run_dir=str(tmp_path), name="busy"), run=run)
+    assert not os.path.exists(lock_path(str(out)))  # released on the error path
+
+
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_four(tmp_path):
+    """A lock left by a dead process, four processes starting at once: one wins, three refuse
+    naming the winner (the takeover re-checks the lock under its own exclusive file)."""
+    from xpo_jax.rundir import lock_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "stale"
+    with open(lock_path(str(out)), "w") as f:
+        json.dump({"pid": dead.pid, "host": __import__("socket").gethostname(), "token": "old"}, f)
+    procs = [locker(out, 5) for _ in range(4)]
+    lines = [next(line.strip() for line in p.stdout if not line.startswith("note: took over")) for p in procs]
+    for p in procs:
+        p.kill()
+        p.wait()
+    assert sum(line == "won" for line in lines) == 1, lines
+    winner = procs[lines.index("won")].pid
+    assert all(f"pid {winner}" in line for line in lines if line != "won"), lines
+
+
+def test_sweep_follows_the_name_rules(tmp_path, capsys):
+    """A sweep rerun on a name once silently replaced sweep.csv / sweep.json: refused without
+    --overwrite, --resume refused (a sweep has no checkpoints), --overwrite clears the outputs."""
+    from xpo_jax.sweeps import claim_sweep_dir
+
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / "sweep.json").write_text("{}")
+    (out / "sweep.csv").write_text("alpha\n")
+    base = ["--run-dir", str(tmp_path), "--name", "sw", "--rounds", "2", "--batch-size", "8"]
+    for extra, fragment in (([], "holds an earlier sweep's output (sweep.csv, sweep.json): pass --overwrite"),
+                            (["--resume"], "--resume: a sweep is one compiled program without checkpoints")):
+        rc, err, seconds, compiled = run_cli("sweep", [*base, *extra], capsys)
+        assert rc == 2 and seconds < FAST_S and not compiled, err
+        one_line(err, "sweep", fragment)
+    assert (out / "sweep.json").read_text() == "{}"
+    lock = claim_sweep_dir(TrainConfig(run_dir=str(tmp_path), name="sw", overwrite=True))
+    lock.release()
+    assert not (out / "sweep.json").exists() and not (out / "sweep.csv").exists()
+
+
+CHECKPOINTS_BECOME_A_FILE = """
+import os, shutil, sys
+from xpo_jax import cli
+from xpo_jax.train import Program
+real = Program.step
+def step(self, state, data_key, r):
+    out = real(self, state, data_key, r)
+    if r + 1 == 3:
+        ck = os.path.join(sys.argv[1], "x", "checkpoints")
+        shutil.rmtree(ck)
+        open(ck, "w").write("not a directory")
+    return out
+Program.step = step
+sys.argv = [sys.argv[0], "train", *sys.argv[2:]]
+raise SystemExit(cli.main())
+"""
+
+
+def test_checkpoints_replaced_by_a_file_mid_run_ends_the_process_with_one_line(tmp_path):
+    """The error was printed, then orbax's background threads kept the process alive forever:
+    now one line, exit 2, the process ends (and its lock is released)."""
+    from xpo_jax.rundir import lock_path
+
+    args = [*CLI_FLAGS, "--rounds", "6", "--checkpoint-every", "2", "--run-dir", str(tmp_path), "--name", "x"]
+    p = subprocess.run([sys.executable, "-c", CHECKPOINTS_BECOME_A_FILE, str(tmp_path), *args], env=ENV,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "xpo-jax train: error: cannot save round 4" in p.stderr and "Not a directory" in p.stderr
+    assert not os.path.exists(lock_path(str(tmp_path / "x")))
+
+
+def test_disk_full_while_saving_is_one_line(tmp_path, capsys):
+    """A failed write (disk full; an immutable or read-only folder is the same path with EPERM /
+    EROFS) reaches the user as one line naming the folder and the OS's reason."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    def full(self, *a, **k):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "f" / "checkpoints" / "2"))
+        except OSError as e:
+            raise RuntimeError("orbax: background save failed") from e
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ocp.CheckpointManager, "save", full)
+        rc, err, _, _ = run_cli("train", ["--run-dir", str(tmp_path), "--name", "f", *CLI_FLAGS,
+                                          "--checkpoint-every", "2"], capsys)
+    assert rc == 2
+    one_line(err, "train", "cannot save round 2 to", "No space left on device")
+
+
+def test_sigint_saves_and_exits_130(tmp_path, capsys):
+    """Ctrl-C behaves as SIGTERM: the round finishes, is saved, and the exit status is 130."""
+    from xpo_jax.train import EXIT_SIGINT
+
+    real_step = Program.step
+
+    def step(self, state, data_key, round_idx):
+        out = real_step(self, state, data_key, round_idx)
+        if round_idx + 1 == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Program, "step", step)
+        rc = cli_main(["train", *CLI_FLAGS, "--run-dir", str(tmp_path), "--name", "int"])
+    log = capsys.readouterr().out
+    assert EXIT_SIGINT == 130 and rc == 130, log
+    assert "signal: saved round 3" in log
+    assert latest(tmp_path / "int" / "checkpoints") == 3
+    assert [r["round"] for r in rows_of(tmp_path / "int" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_symlinks_in_a_run_directory_are_refused_and_nothing_outside_changes(tmp_path, capsys):
+    """config.json, checkpoints/ or the run directory itself a symlink to elsewhere: refused,
+    naming the link, before anything is written or deleted; the targets stay as they were. A
+    directory where a run file belongs is refused too."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("precious\n")
+    (outside / "3").mkdir()
+    (outside / "metrics.jsonl").write_text("{}\n")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    before = sorted((str(p), p.is_file() and p.read_text()) for p in outside.rglob("*"))
+    (runs / "a").mkdir()
+    (runs / "a" / "config.json").symlink_to(outside / "precious.txt")
+    (runs / "b").mkdir()
+    (runs / "b" / "checkpoints").symlink_to(outside)
+    (runs / "c").symlink_to(outside)
+    (runs / "d").mkdir()
+    (runs / "d" / "metrics.jsonl").mkdir()
+    cases = {"a": ["config.json is a symbolic link", str(outside / "precious.txt")],
+             "b": ["checkpoints is a symbolic link"], "c": ["is a symbolic link", "a run directory must be a real"],
+             "d": ["metrics.jsonl is a directory"]}
+    for name, fragments in cases.items():
+        rc, err, seconds, compiled = run_cli("train", ["--run-dir", str(runs), "--name", name, "--overwrite",
+                                                       *CLI_FLAGS], capsys)
+        assert rc == 2 and seconds < FAST_S and not compiled, err
+        one_line(err, "train", *fragments)
+    assert sorted((str(p), p.is_file() and p.read_text()) for p in outside.rglob("*")) == before
+
+
+def _data_json(ckpt_dir, step) -> str:
+    path = os.path.join(ckpt_dir, str(step), "data", "metadata")  # orbax's JsonSave of the item "data"
+    assert os.path.isfile(path), os.listdir(os.path.dirname(path))
+    return path
+
+
+def _edit_data(ckpt_dir, step, edit) -> None:
+    path = _data_json(ckpt_dir, step)
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+DAMAGES = {  # how -> (damage(ckpt_dir), the round restored, what the note names)
+    "empty-folder": (lambda d: os.mkdir(os.path.join(d, "14")), 12, "14: "),
+    "copied-folder": (lambda d: shutil.copytree(os.path.join(d, "12"), os.path.join(d, "14")), 12,
+                      "holds round 12, not 14"),
+    "round-edited": (lambda d: _edit_data(d, 12, lambda x: x.update(round=11)), 10, "holds round 11, not 12"),
+    "fingerprints-removed": (lambda d: _edit_data(d, 12, lambda x: x.pop("fingerprints")), 10,
+                             "no array fingerprints"),
+    "truncated-metadata": (lambda d: open(_data_json(d, 12), "r+").truncate(10), 10, "12: "),
+    "renamed-folder": (lambda d: os.rename(os.path.join(d, "12"), os.path.join(d, "12.old")), 10, ""),
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGES))
+def test_damaged_checkpoint_folders_fall_back_to_the_newest_good_one(run, finished, tmp_path, how):
+    """Checkpoint folders that are not what their name says: --resume's checks read the newest
+    readable config, and the restore falls back to the newest checkpoint that verifies, naming
+    the one it skipped."""
+    shutil.copytree(finished["run_dir"] / finished["name"], tmp_path / "r")
+    ckpt_dir = str(tmp_path / "r" / "checkpoints")
+    damage, want, note = DAMAGES[how]
+    damage(ckpt_dir)
+    t = Trainer(dataclasses.replace(CFG, run_dir=str(tmp_path), name="r", resume=True), run=run)  # no raw error
+    t.lock.release()
+    ckpt = Checkpointer(ckpt_dir)
+    try:
+        state, _, data, msg = ckpt.restore_latest_good(finished["abstract"])
+    finally:
+        ckpt.close()
+    assert data["round"] == want and note in msg, (data["round"], msg)
+
+
+def _nan_policy(hf) -> str:
+    from safetensors.numpy import load_file, save_file
+
+    d = hf["base"] / "nan_policy"
+    if not d.exists():
+        shutil.copytree(hf["policy"], d)
+        tensors = load_file(d / "model.safetensors")
+        x = tensors["model.layers.0.mlp.up_proj.weight"].copy()
+        x.flat[7] = np.nan
+        tensors["model.layers.0.mlp.up_proj.weight"] = x
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return str(d)
+
+
+def _policy_with_template(hf, name: str, template) -> str:
+    d = hf["base"] / name
+    if not d.exists():
+        shutil.copytree(hf["policy"], d)
+        config = json.loads((d / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        if template is not None:
+            config["chat_template"] = template
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+        if (d / "chat_template.jinja").exists():
+            os.remove(d / "chat_template.jinja")
+    return str(d)
+
+
+def _hf_argv(h, t, policy=None, *extra):
+    return ["--policy", policy or h["policy"], "--reward-model", h["rm"], "--prompts", PROMPTS, "--run-dir", str(t),
+            *HF_FLAGS, *extra]
+
+
+CLI_CASES.update({
+    "seed-beyond-32-bits": (None, lambda f, t: ["--run-dir", str(t), *CLI_FLAGS, "--seed", str(2**32)],
+                            ["--seed=4294967296: must be an integer in [0, 2^32)"]),
+    "rounds-beyond-int32": (None, lambda f, t: ["--run-dir", str(t), *CLI_FLAGS, "--rounds", str(2**31)],
+                            ["--rounds=2147483648: must be at most 2147483647"]),
+    "batch-size-beyond-int32": (None, lambda f, t: ["--run-dir", str(t), *CLI_FLAGS, "--batch-size", str(2**40)],
+                                ["--batch-size=1099511627776: must be at most 2147483647"]),
+    "name-too-long": (None, lambda f, t: ["--run-dir", str(t), "--name", "n" * 240, *CLI_FLAGS],
+                      ["--name: 240 characters; at most 200"]),
+    "run-dir-component-too-long": (None, lambda f, t: ["--run-dir", str(t / ("d" * 300)), *CLI_FLAGS],
+                                   ["--run-dir: the path component", "more than the OS allows"]),
+    "run-dir-with-nul": (None, lambda f, t: ["--run-dir", str(t) + "/a\x00b", *CLI_FLAGS], ["NUL character"]),
+    "eval-prompts-overlap-training": ("hf", lambda h, t: _hf_argv(h, t, None, "--eval-prompts", PROMPTS),
+                                      ["--eval-prompts=", "also occur among the 64 training prompts"]),
+    "nan-policy-weights": ("hf", lambda h, t: _hf_argv(h, t, _nan_policy(h)),
+                           ["--policy=", "nan_policy", "non-finite weights",
+                            "model.layers.0.mlp.up_proj.weight in model.safetensors"]),
+    "policy-without-chat-template": ("hf", lambda h, t: _hf_argv(h, t, _policy_with_template(h, "no_template", None)),
+                                     ["--policy=", "no_template", "cannot render the chat prompts", "no chat template"]),
+    "template-the-sandbox-rejects": ("hf", lambda h, t: _hf_argv(h, t, _policy_with_template(
+        h, "unsafe_template", "{{ messages.__class__.__mro__[1].__subclasses__() }}")),
+        ["--policy=", "unsafe_template", "cannot render the chat prompts", "SecurityError"]),
+})
+
+
+def test_a_missing_jax_platform_fails_before_compiling_in_one_line(tmp_path):
+    """JAX_PLATFORMS naming a platform that is not there: one line, exit 2 (not a traceback at
+    the first array)."""
+    env = dict(ENV, JAX_PLATFORMS="tpu")
+    p = subprocess.run([sys.executable, "-m", "xpo_jax", "train", "--run-dir", str(tmp_path), *CLI_FLAGS], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    one_line(p.stderr, "train", "JAX_PLATFORMS='tpu': no usable JAX backend")
+
+
+def _rewrite_weights(model_dir, scale: float) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(os.path.join(model_dir, "model.safetensors"))
+    name = sorted(k for k in tensors if k.endswith("weight"))[0]
+    tensors[name] = (tensors[name] * scale).astype(tensors[name].dtype)
+    save_file(tensors, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_resume_refuses_changed_model_files_unless_accepted_and_recorded(hf, tmp_path, capsys):
+    """The reward model's weights changed in place (same path) after a checkpoint: --resume
+    refuses naming the file; --accept-changed-models trains on and the next checkpoint records the
+    change; a checkpoint whose model fingerprints were removed fails verification."""
+    pol, rm = shutil.copytree(hf["policy"], tmp_path / "pol"), shutil.copytree(hf["rm"], tmp_path / "rm")
+    cfg = hf_cfg({**hf, "policy": str(pol), "rm": str(rm)}, tmp_path, "m", checkpoint_every=1)
+    Trainer(cfg).run()
+    ckpt_dir = tmp_path / "m" / "checkpoints"
+    data = json.load(open(_data_json(ckpt_dir, 2)))
+    assert set(data["model_fingerprints"]) == {"policy", "reward_model"}
+    _rewrite_weights(rm, 1.5)
+    argv = ["--policy", str(pol), "--reward-model", str(rm), "--prompts", PROMPTS, "--run-dir", str(tmp_path),
+            "--name", "m", "--resume", *HF_FLAGS, "--checkpoint-every", "1", "--rounds", "3"]
+    rc, err, seconds, compiled = run_cli("train", argv, capsys)
+    assert rc == 2 and not compiled, err
+    one_line(err, "train", "--resume: the models differ", f"--reward-model: {rm / 'model.safetensors'} changed",
+             "--accept-changed-models")
+    t = Trainer(dataclasses.replace(cfg, resume=True, rounds=3, accept_changed_models=True))
+    t.run()
+    data = json.load(open(_data_json(ckpt_dir, 3)))
+    assert data["accepted_model_changes"][0]["round"] == 2
+    assert "--reward-model" in data["accepted_model_changes"][0]["changes"][0]
+    _edit_data(ckpt_dir, 3, lambda x: x.pop("model_fingerprints"))
+    rc, err, _, compiled = run_cli("train", [*argv, "--rounds", "4"], capsys)
+    assert rc == 2 and not compiled, err
+    one_line(err, "train", "records no model fingerprints")

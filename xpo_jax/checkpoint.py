@@ -56,6 +56,35 @@ def fingerprints(tree: Any) -> list[int]:
     return [int(np.asarray(v.addressable_data(0))) for v in out]
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the message is one line with the OS's reason)."""
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost OSError of an exception chain as 'strerror: filename' (else the exception's
+    own first line): what the user can act on, not orbax's wrapping."""
+    seen, cur, found = set(), e, None
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.strerror:
+            found = cur
+        cur = cur.__cause__ or cur.__context__
+    if found is not None:
+        return f"{found.strerror}: {found.filename}" if found.filename else found.strerror
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def check_metadata(where: str, step: int, data: dict, saved_fingerprints: Any) -> None:
+    """ValueError unless a checkpoint's metadata is what its folder says: it holds the array
+    fingerprints (without them nothing can be verified) and the round of its folder name (a
+    copied or edited folder would restore another round's state under this one's name)."""
+    if saved_fingerprints is None:
+        raise ValueError(f"checkpoint {where} has no array fingerprints in its metadata: it cannot be verified")
+    if data.get("round") != step:
+        raise ValueError(f"checkpoint {where} holds round {data.get('round')!r}, not {step} (a copied, renamed or "
+                         "edited folder)")
+
+
 class Checkpointer:
     """Save / restore (state, config dict, data-position dict) under `directory/<round>`."""
 
@@ -76,30 +105,44 @@ class Checkpointer:
 
     def saved_config(self, round_idx: Optional[int] = None) -> dict:
         """The config dict saved with a checkpoint (reads no arrays: cheap, for checks before a
-        run is built)."""
-        step = self.latest_round() if round_idx is None else round_idx
-        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return dict(out["config"])
+        run is built); default the newest whose JSON reads (a damaged newer one is skipped here:
+        `restore_latest_good` decides about it)."""
+        return self._saved("config", round_idx)
 
     def saved_data(self, round_idx: Optional[int] = None) -> dict:
-        """The data-position dict saved with a checkpoint (reads no arrays)."""
-        step = self.latest_round() if round_idx is None else round_idx
-        out = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
-        return dict(out["data"])
+        """The data-position dict saved with a checkpoint (reads no arrays); default as
+        `saved_config`."""
+        return self._saved("data", round_idx)
+
+    def _saved(self, item: str, round_idx: Optional[int]) -> dict:
+        steps = self.all_rounds() if round_idx is None else [round_idx]
+        errors = []
+        for step in steps:
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+                return dict(out[item])
+            except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the next older one
+                errors.append(f"{step}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        raise ValueError(f"no checkpoint in {self.directory} has a readable {item} ({'; '.join(errors) or 'none'})")
 
     def save(self, round_idx: int, state: Any, config: dict, data: dict) -> None:
-        """Save and wait until it is on disk (a checkpoint is only worth having once finished)."""
+        """Save and wait until it is on disk (a checkpoint is only worth having once finished).
+        A failure to write (disk full, a read-only or immutable folder, checkpoints/ replaced by a
+        file) raises CheckpointWriteError: one line naming the folder and the OS's reason."""
         data = {**data, "fingerprints": fingerprints(state)}
-        self.manager.save(
-            round_idx,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(config),
-                data=ocp.args.JsonSave(data),
-            ),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(
+                round_idx,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    config=ocp.args.JsonSave(config),
+                    data=ocp.args.JsonSave(data),
+                ),
+                force=True,
+            )
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax wraps the OS error in its own types
+            raise CheckpointWriteError(f"cannot save round {round_idx} to {self.directory}: {root_cause(e)}") from e
 
     def restore(self, like_state: Any, round_idx: Optional[int] = None, *, verify: bool = True) -> tuple[Any, dict, dict]:
         """Restore onto the structure, shapes, dtypes and shardings of `like_state` (arrays or
@@ -119,7 +162,8 @@ class Checkpointer:
         )
         state, data = out["state"], dict(out["data"])
         saved = data.pop("fingerprints", None)
-        if verify and saved is not None:
+        if verify:
+            check_metadata(f"{self.directory}/{step}", step, data, saved)
             now = fingerprints(state)
             if now != list(saved):
                 bad = [i for i, (a, b) in enumerate(zip(now, saved)) if a != b]

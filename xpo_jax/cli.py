@@ -7,13 +7,15 @@
 
 Exit status: 0 finished; 2 bad input (one line naming the flag or file, before anything
 compiles where it can be known); 3 stopped on a NaN/inf loss (nothing saved for that round);
-75 stopped by SIGTERM after saving (resume with --resume).
+75 stopped by SIGTERM after saving (resume with --resume); 130 stopped by SIGINT (Ctrl-C) after
+saving, or before the first round with nothing to save.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -64,6 +66,19 @@ def _join_distributed(args) -> None:
               f"of {info['device_count']} {info['platform']} devices", flush=True)
 
 
+def check_backend() -> None:
+    """ValueError naming $JAX_PLATFORMS when JAX has no usable backend (e.g. a platform that is not
+    there), instead of a traceback at the first array."""
+    import jax
+
+    try:
+        jax.devices()
+    except RuntimeError as e:
+        plat = os.environ.get("JAX_PLATFORMS")
+        where = f"JAX_PLATFORMS={plat!r}: " if plat else ""
+        raise ValueError(f"{where}no usable JAX backend ({e})") from None
+
+
 def _train(args) -> int:
     from xpo_jax.config import config_from_args
 
@@ -71,6 +86,7 @@ def _train(args) -> int:
     try:
         cfg.validate()
         _join_distributed(args)  # before anything touches a device
+        check_backend()
     except (ValueError, RuntimeError) as e:
         return _error("train", e)
     import jax
@@ -78,7 +94,7 @@ def _train(args) -> int:
     lead = jax.process_index() == 0
     if lead:
         print("config:\n" + cfg.to_json(), flush=True)
-    from xpo_jax.train import EXIT_INTERRUPTED, NonFiniteLoss, Trainer
+    from xpo_jax.train import EXIT_INTERRUPTED, EXIT_SIGINT, NonFiniteLoss, Trainer
 
     try:
         trainer = Trainer(cfg)
@@ -86,10 +102,13 @@ def _train(args) -> int:
     except NonFiniteLoss as e:
         print(f"xpo-jax train: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except KeyboardInterrupt:  # Ctrl-C before the loop (building, compiling): nothing to save yet
+        print("xpo-jax train: interrupted before the first round; nothing was saved", file=sys.stderr)
+        return EXIT_SIGINT
+    except (ValueError, OSError) as e:
         return _error("train", e)
     if summary.get("interrupted"):
-        return EXIT_INTERRUPTED
+        return EXIT_SIGINT if summary.get("signal") == signal.SIGINT else EXIT_INTERRUPTED
     if lead:
         print(f"wrote {cfg.run_dir}/{cfg.name}/ (metrics.jsonl, checkpoints/, curve.png, summary.md)")
         if "final_j_beta" in summary:
@@ -156,7 +175,7 @@ def _sweep(args) -> int:
     import dataclasses
 
     from xpo_jax.config import TrainConfig, config_from_args
-    from xpo_jax.sweeps import make_grid, sweep, sweep_config
+    from xpo_jax.sweeps import claim_sweep_dir, make_grid, sweep_config
 
     cfg = config_from_args(args, base=TrainConfig(name="sweep"))
     try:
@@ -175,17 +194,33 @@ def _sweep(args) -> int:
                     cfg.check_hyperparameters(**{flag: {name: v}})
         if args.grid_devices < 0:
             raise ValueError(f"--grid-devices={args.grid_devices}: must be >= 0")
-    except ValueError as e:
+        bad_seeds = [s for s in seeds if not 0 <= s < 2**32]
+        if bad_seeds:
+            raise ValueError(f"--seeds: {bad_seeds[:3]} outside [0, 2^32) (a PRNG seed is 32 bits)")
+        cfg.validate()
+        check_backend()
+        import jax
+
+        local = jax.local_devices()
+        if args.grid_devices > len(local):
+            raise ValueError(f"--grid-devices={args.grid_devices} but only {len(local)} local devices")
+        lock = claim_sweep_dir(cfg)  # last: nothing below refuses before the sweep runs
+    except (ValueError, OSError) as e:
         return _error("sweep", e)
-    import jax
+    try:
+        return _run_sweep(cfg, args, devices=local[: args.grid_devices or len(local)], grids=(
+            alphas, betas, seeds, mixes, loss_grid, bonus_grid))
+    finally:
+        lock.release()
+
+
+def _run_sweep(cfg, args, devices, grids) -> int:
     import numpy as np
 
     from xpo_jax.reporting import summary_table, write_sweep_outputs
+    from xpo_jax.sweeps import sweep
 
-    local = jax.local_devices()
-    if args.grid_devices > len(local):
-        return _error("sweep", ValueError(f"--grid-devices={args.grid_devices} but only {len(local)} local devices"))
-    devices = local[: args.grid_devices or len(local)]
+    alphas, betas, seeds, mixes, loss_grid, bonus_grid = grids
     swept = {"alphas": alphas, "betas": betas, "mixes": mixes, **loss_grid, **bonus_grid, "seeds": seeds}
     G = int(np.prod([len(v) for v in swept.values()]))
     print(f"sweep: {' x '.join(f'{len(v)} {k}' for k, v in swept.items())} = {G} runs of {cfg.rounds} rounds "
@@ -278,8 +313,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The program (`argv` None: sys.argv; as a program, it ends even when a library left a thread
+    behind) or, with `argv`, a call that returns the exit status (tests)."""
     parser = build_parser()
     args = parser.parse_args(_glue_negative_numbers(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         args = parser.parse_args(["demo"])
-    return args.func(args)
+    if argv is None:
+        quiet_library_logs()
+    rc = args.func(args)
+    if argv is None:
+        end_process(rc)
+    return rc
+
+
+def quiet_library_logs() -> None:
+    """orbax logs a failed background save as an ERROR with a traceback from each of its threads;
+    the error reaches the user as the one line this CLI prints, so absl's log shows only FATAL."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
+def end_process(rc: int) -> None:
+    """Exit with `rc` now when a non-daemon thread is still alive (e.g. orbax's background save
+    threads after a failed save: the interpreter would wait for them forever): flush, release the
+    run-directory locks, then `os._exit`. Without such threads, return (a normal exit)."""
+    import threading
+
+    if all(t.daemon or t is threading.main_thread() for t in threading.enumerate()):
+        return
+    from xpo_jax.rundir import release_all
+
+    release_all()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

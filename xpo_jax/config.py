@@ -17,6 +17,8 @@ REMAT_MODES = ("none", "block", "matmuls")
 EXPLORATION_SAMPLING = ("auto", "mixture")
 # A run name is a folder under --run-dir, never a path: no '/', no '..', no hidden names.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+NAME_MAX_LEN = 200
+INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # save every this many rounds (0 = only at the end)
     keep_checkpoints: int = 2  # checkpoints kept on disk
     resume: bool = False  # continue from <run_dir>/<name>/checkpoints
+    accept_changed_models: bool = False  # --resume although a model file changed since the checkpoint (recorded in it)
     overwrite: bool = False  # start afresh, deleting <run_dir>/<name>'s checkpoints and metrics
     tensorboard: bool = True  # write TensorBoard events (needs tensorboardX)
     progress: bool = True  # tqdm progress bar
@@ -107,6 +110,7 @@ class TrainConfig:
         def bad(field, why):
             raise ValueError(f"--{field.replace('_', '-')}={getattr(self, field)!r}: {why}")
 
+        self._check_int_ranges(bad)
         for f in ("rounds", "batch_size", "updates_per_round", "micro_batches", "keep_checkpoints"):
             if getattr(self, f) < 1:
                 bad(f, "must be >= 1")
@@ -152,8 +156,13 @@ class TrainConfig:
             bad("micro_batches", f"must divide --replay-batch-size={self.replay_batch_size}")
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
             bad("name", "must be a plain name: letters, digits, '_', '-', '.', not starting with '.' (no paths)")
+        if len(self.name) > NAME_MAX_LEN:
+            raise ValueError(f"--name: {len(self.name)} characters; at most {NAME_MAX_LEN} (the OS limits a file name "
+                             "to 255 bytes, and the run's lock file adds to it)")
         if not isinstance(self.run_dir, str) or not self.run_dir.strip():
             bad("run_dir", "must be a non-empty path")
+        if "\x00" in self.run_dir:
+            bad("run_dir", "contains a NUL character, which no path may hold")
         if self.fsdp < 1:
             bad("fsdp", "must be >= 1")
         if self.data is not None and self.data < 1:
@@ -165,6 +174,21 @@ class TrainConfig:
         if self.replay_capacity and self.replay_capacity < self.batch_size:
             bad("replay_capacity", f"must be 0 or >= --batch-size={self.batch_size} (a round inserts a batch)")
         self._check_inputs(bad)
+
+    def _check_int_ranges(self, bad) -> None:
+        """Integers the program stores as int32 (rounds, step counts, sizes) must fit it; seeds are
+        32 bits (jax.random.PRNGKey folds a larger seed onto a smaller one: two runs would silently
+        be one). Checked before any comparison, so a non-integer is named too."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("seed", "reference_seed"):
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**32:
+                    bad(f.name, "must be an integer in [0, 2^32) (a PRNG seed is 32 bits: a larger or negative one "
+                                "would silently equal another seed)")
+            elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT32_MAX:
+                bad(f.name, f"must be at most {INT32_MAX} (the program counts it in int32)")
+        if self.rounds * self.updates_per_round > INT32_MAX:
+            bad("rounds", f"x --updates-per-round={self.updates_per_round} optimiser steps exceed {INT32_MAX} (int32)")
 
     def _check_inputs(self, bad) -> None:
         """Where prompts and rewards come from: a task, or HF checkpoints with their prompt files and
@@ -273,7 +297,9 @@ RESUME_MAY_DIFFER = frozenset(
     {"rounds", "resume", "overwrite", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_every",
      # where the run lives and how it is laid out on devices: a renamed or copied run dir, and a
      # resume onto another mesh shape, continue the same run
-     "name", "run_dir", "data", "fsdp", "tensor", "eval_samples"}
+     "name", "run_dir", "data", "fsdp", "tensor", "eval_samples",
+     # an explicit acceptance of changed model files, recorded in the checkpoints it saves
+     "accept_changed_models"}
 )
 
 

@@ -30,6 +30,7 @@ curves.npz, sweep.json through `xpo_jax.reporting`):
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -38,6 +39,7 @@ import numpy as np
 
 from xpo_jax.reporting import FINAL_EVAL
 from xpo_jax.run import Run, build_run
+from xpo_jax.rundir import RunDirLock, check_os_path, check_run_files
 from xpo_jax.state import Hyperparams
 from xpo_jax.train import make_train
 
@@ -267,3 +269,36 @@ def finalise(grid: dict, curves: dict, ref: dict) -> dict:
         final["labels_to_p50"] = labels_until(curves, "eval/p_optimal", 0.5)
         final["labels_to_p90"] = labels_until(curves, "eval/p_optimal", 0.9)
     return final
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep's directory: the same name rules as a run's
+# ----------------------------------------------------------------------------------------------
+
+SWEEP_OUTPUTS = ("sweep.csv", "sweep.json", "heatmap.png", "curves.png", "curves.npz", "params.npz")
+
+
+def claim_sweep_dir(cfg: Any) -> RunDirLock:
+    """Lock `<run_dir>/<name>` for a sweep (returned; release it when done) after the checks a run
+    gets: a path the OS accepts, no symlinked or wrong-kind files, and no earlier sweep's output
+    unless --overwrite (which deletes it here). --resume is refused: a sweep is one compiled
+    program with no checkpoints, so there is nothing to continue. ValueError naming the flag."""
+    out = os.path.join(cfg.run_dir, cfg.name)
+    if cfg.resume:
+        raise ValueError("--resume: a sweep is one compiled program without checkpoints, so it cannot be continued; "
+                         "run it again with --overwrite, or under another --name")
+    check_os_path("--run-dir", cfg.run_dir)
+    check_run_files(out)
+    lock = RunDirLock(out)
+    lock.acquire()
+    try:
+        earlier = [f for f in SWEEP_OUTPUTS if os.path.exists(os.path.join(out, f))]
+        if earlier and not cfg.overwrite:
+            raise ValueError(f"{out} holds an earlier sweep's output ({', '.join(earlier)}): pass --overwrite to "
+                             "replace it, or another --name")
+        for f in earlier:
+            os.remove(os.path.join(out, f))
+    except BaseException:
+        lock.release()
+        raise
+    return lock

@@ -17,7 +17,10 @@ the same program; JAX's multi-controller runtime is the engine):
     checkpoints   the whole state, the config, every process's prompt-stream position and the
                   data's fingerprint; with a checksum of every array, verified on restore: a
                   checkpoint that fails is skipped (said so) and set aside as corrupt-<round>
-    SIGTERM       finish the round, save, exit with EXIT_INTERRUPTED (75); a finished run exits 0
+    SIGTERM       finish the round, save, exit with EXIT_INTERRUPTED (75); a finished run exits 0;
+                  SIGINT (Ctrl-C) the same, exit EXIT_SIGINT (130)
+    lock          one process per run directory (xpo_jax.rundir): a second one refuses at once,
+                  naming the holder; a stale lock (dead holder) is taken over
     NaN / inf     in the loss or gradient norm: stop at once without saving (NonFiniteLoss); the
                   last good checkpoint (restored or saved by this run) is untouched
     run names     a new run never lands on an earlier run's output (--resume or --overwrite)
@@ -32,6 +35,7 @@ import os
 import shutil
 import signal
 import time
+import weakref
 from typing import Any, Callable, Optional
 
 import jax
@@ -44,11 +48,15 @@ from xpo_jax.pairs import label
 from xpo_jax.parallel import Layout, local_rows, make_mesh
 from xpo_jax.reporting import plot_run_curves, read_metrics, run_summary, samples_markdown, write_summary
 from xpo_jax.run import Run, build_run, check_layout
+from xpo_jax.rundir import RunDirLock, RunDirLocked, check_os_path, check_run_files
 
 Array = jax.Array
 
 # Exit status of a run stopped by SIGTERM after saving (EX_TEMPFAIL: "try again", i.e. --resume).
 EXIT_INTERRUPTED = 75
+# ... and by SIGINT (Ctrl-C) after saving: the shell's usual 128 + SIGINT.
+EXIT_SIGINT = 130
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -268,7 +276,7 @@ class _Loop:
         self.start = self.end = self.last_saved = 0
         self.last_good: Optional[int] = None  # the newest checkpoint known to verify (restored or saved here)
         self.log = self.writer = self.bar = None
-        self.old_handler: Any = None
+        self.old_handlers: dict = {}  # signal -> the handler to put back
         self.t0 = self.t_offset = 0.0
 
 
@@ -285,10 +293,18 @@ class Trainer:
         self.lead = jax.process_index() == 0
         self.layout = layout_for(cfg) if mesh is None else Layout.of(mesh)
         check_layout(cfg, self.layout)
+        self.lock = RunDirLock(self.out)
+        weakref.finalize(self, self.lock.release)  # a Trainer dropped without running frees its directory
         self._claim_run_dir()  # before the (slow) build: a clash is reported at once
-        self.run_ = run or build_run(cfg, self.layout)
-        self._check_prompts_unchanged()  # before anything compiles
-        self.program = Program(self.run_, self.layout)
+        try:
+            self.run_ = run or build_run(cfg, self.layout)
+            self.models = self._model_fingerprints()
+            self.accepted_changes: list = []  # model changes accepted by --accept-changed-models, saved along
+            self._check_inputs_unchanged()  # before anything compiles
+            self.program = Program(self.run_, self.layout)
+        except BaseException:
+            self.lock.release()
+            raise
         self._stop_signal: Optional[int] = None
         self.interrupted = False
         self.memory: Optional[dict] = None  # bytes per device of each compiled program
@@ -304,11 +320,37 @@ class Trainer:
         checkpoints only at the end of training): refuse unless --resume or --overwrite. Also
         check that the run directory can be written, before anything is built."""
         cfg, out = self.cfg, self.out
+        check_os_path("--run-dir", cfg.run_dir)
         probe = _existing_ancestor(out)
         if not os.path.isdir(probe):
             raise ValueError(f"--run-dir={cfg.run_dir!r}: {probe} is a file, not a directory")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise ValueError(f"--run-dir={cfg.run_dir!r}: {probe} is not writable")
+        check_run_files(out)  # no symlinks, no directory where a file belongs
+        self._lock_run_dir()
+        try:
+            self._claim_locked()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _lock_run_dir(self) -> None:
+        """Process 0 takes the run directory's lock (xpo_jax.rundir); every process refuses alike."""
+        error: Optional[Exception] = None
+        if self.lead:
+            try:
+                self.lock.acquire()
+            except (RunDirLocked, OSError) as e:
+                error = e
+        if dist.any_process(error is not None):
+            self.lock.release()
+            if isinstance(error, OSError):
+                raise ValueError(f"--run-dir={self.cfg.run_dir!r}: cannot create the lock {self.lock.path}: "
+                                 f"{error.strerror or error}") from None
+            raise error or RunDirLocked(f"{self.out} is in use by another process (see process 0's message)")
+
+    def _claim_locked(self) -> None:
+        cfg, out = self.cfg, self.out
         earlier = _has_checkpoints(self.ckpt_dir) or os.path.exists(os.path.join(out, "metrics.jsonl"))
         if cfg.resume and _has_checkpoints(self.ckpt_dir):
             from xpo_jax.checkpoint import Checkpointer
@@ -345,6 +387,13 @@ class Trainer:
         followed by the hooks `_log`, `_show_progress` and `_checkpoint` (which also acts on a
         signal); `_open` restores or initialises the state and opens the outputs, `_close`
         closes them on every path."""
+        self._lock_run_dir()  # held since the constructor; taken again by a second run() of this Trainer
+        try:
+            return self._run(stop_after)
+        finally:
+            self.lock.release()
+
+    def _run(self, stop_after: Optional[int]) -> dict:
         if self.memory is None:  # before any state or file exists: a round that cannot fit is refused here
             self.memory = self.program.compile()
         loop = self._open(stop_after)
@@ -362,6 +411,8 @@ class Trainer:
         self.state = loop.state
         summary = self._summarise(loop.last_saved) if self.lead else {"rounds": loop.last_saved}
         summary["interrupted"] = self.interrupted
+        if self.interrupted:
+            summary["signal"] = int(dist.all_processes([self._stop_signal or 0]).max())  # the one received
         return summary
 
     def _open(self, stop_after: Optional[int]) -> "_Loop":
@@ -389,7 +440,8 @@ class Trainer:
         except BaseException:
             self._close(loop)
             raise
-        loop.old_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        # SIGINT (Ctrl-C) as SIGTERM: finish the round, save, exit (130 from the CLI rather than 75)
+        loop.old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         loop.t0 = time.perf_counter()
         return loop
 
@@ -407,6 +459,7 @@ class Trainer:
         check_resumable(saved_cfg, cfg.to_dict())
         start = int(data["round"])
         self._restore_prompts(data)
+        self._check_models(data)
         if ckpt.skipped:  # newer checkpoints that do not verify: keep them, out of the way
             moved = ckpt.set_aside(ckpt.skipped) if self.lead else []
             dist.barrier("xpo_jax:set-aside")
@@ -430,8 +483,8 @@ class Trainer:
         loop.log = open(log_path, "a")
 
     def _close(self, loop: "_Loop") -> None:
-        if loop.old_handler is not None:
-            signal.signal(signal.SIGTERM, loop.old_handler)
+        for sig, handler in loop.old_handlers.items():
+            signal.signal(sig, handler)
         for f in (loop.log, loop.writer, loop.bar):
             if f is not None:
                 f.close()
@@ -488,27 +541,59 @@ class Trainer:
 
     def _data_position(self, r: int) -> dict:
         data = {"round": r}
+        if self.models is not None:
+            data["model_fingerprints"] = self.models
+            data["accepted_model_changes"] = self.accepted_changes
         prompts = self.run_.prompts
         if not prompts.in_graph:
             data["prompts"] = dist.all_processes(prompts.position()).tolist()  # one row per process
             data["prompt_fingerprint"] = prompts.fingerprint
         return data
 
-    def _check_prompts_unchanged(self) -> None:
-        """--resume of a prompt-file run: the files must be those the latest checkpoint was saved
-        with (their sha256), checked from the checkpoint's JSON before anything compiles."""
+    def _check_inputs_unchanged(self) -> None:
+        """--resume of a prompt-file / HF run: the prompt files and the model files must be those
+        the latest checkpoint was saved with (sha256s), checked from the checkpoint's JSON before
+        anything compiles (and again on the checkpoint actually restored)."""
         if not self.cfg.resume or self.run_.prompts.in_graph or not _has_checkpoints(self.ckpt_dir):
             return
         from xpo_jax.checkpoint import Checkpointer
 
         ckpt = Checkpointer(self.ckpt_dir)
         try:
-            saved = ckpt.saved_data().get("prompt_fingerprint")
+            saved = ckpt.saved_data()
         except Exception:  # noqa: BLE001 - an unreadable checkpoint: restore_latest_good decides
-            saved = None
+            return
         finally:
             ckpt.close()
-        self._check_fingerprint(saved)
+        self._check_fingerprint(saved.get("prompt_fingerprint"))
+        self._check_models(saved, quiet=True)
+
+    def _model_fingerprints(self) -> Optional[dict]:
+        if self.cfg.policy is None:
+            return None
+        from xpo_jax.hf.run import model_fingerprints
+
+        return model_fingerprints(self.cfg)
+
+    def _check_models(self, data: dict, quiet: bool = False) -> None:
+        """The model files against the checkpoint's fingerprints (HF runs): a change (or missing
+        fingerprints) is refused naming the file, unless --accept-changed-models, which records
+        the change in the checkpoints saved from then on."""
+        if self.models is None:
+            return
+        from xpo_jax.hf.run import changed_models
+
+        changes = changed_models(data.get("model_fingerprints"), self.models)
+        self.accepted_changes = list(data.get("accepted_model_changes") or [])
+        if not changes:
+            return
+        if not self.cfg.accept_changed_models:
+            raise ValueError(f"--resume: the models differ from the checkpoint's: {'; '.join(changes)}. Restore the "
+                             "files, start a new run, or pass --accept-changed-models to train on with them (recorded "
+                             "in the checkpoint)")
+        self.accepted_changes.append({"round": int(data.get("round", 0)), "changes": changes})
+        if not quiet and self.lead:
+            print(f"warning: --accept-changed-models: {'; '.join(changes)}", flush=True)
 
     def _check_fingerprint(self, saved: Optional[str]) -> None:
         now = self.run_.prompts.fingerprint

@@ -200,17 +200,22 @@ def build_hf_pieces(cfg: TrainConfig, layout: Layout) -> HFPieces:
     if jax.process_index() == 0:  # prepare once (shared storage), then every process opens it
         build_prompt_dataset(paths, data_dir)
     barrier("xpo_jax:prompt-dataset")
-    source, held_out = split_prompts(cfg, build_prompt_dataset(paths, data_dir), tok)
+    full = build_prompt_dataset(paths, data_dir)
+    check_templates(cfg, full, tok, rm_tok)
+    source, held_out = split_prompts(cfg, full, tok)
     if held_out is not None:
         layout.check_batch(cfg.eval_batch_size or cfg.batch_size, "--eval-batch-size")
+        check_held_out_disjoint(cfg, source, held_out)
     eval_rm_tok = eval_rm_tokenizer(cfg, tok) if cfg.eval_reward_model else None
     # The policy checkpoint is the reference: stored in --ref-dtype; the policy's master copy is
     # made from it in --param-dtype when the state is initialised.
     pol_cfg, params = _load("policy", cfg.policy, "causal_lm", sharding_fn, cfg.ref_dtype or cfg.param_dtype,
                             cfg.model_overrides())
+    check_finite("policy", cfg.policy, params)
     rm_cfg, rm_params = _load("reward-model", cfg.reward_model, "reward_model", sharding_fn,
                               cfg.reward_dtype or cfg.param_dtype,
                               {"dtype": cfg.compute_dtype, "scan_layers": cfg.scan_layers})
+    check_finite("reward-model", cfg.reward_model, rm_params)
     for flag, t, c in (("policy", tok, pol_cfg), ("reward-model", rm_tok, rm_cfg)):
         if t.vocab_size > c.vocab_size:
             raise ValueError(f"--{flag}={getattr(cfg, flag.replace('-', '_'))!r}: the tokenizer has {t.vocab_size} "
@@ -244,6 +249,7 @@ def build_hf_pieces(cfg: TrainConfig, layout: Layout) -> HFPieces:
             ev_cfg, ev_params = _load("eval-reward-model", cfg.eval_reward_model, "reward_model", sharding_fn,
                                       cfg.reward_dtype or cfg.param_dtype,
                                       {"dtype": cfg.compute_dtype, "scan_layers": cfg.scan_layers})
+            check_finite("eval-reward-model", cfg.eval_reward_model, ev_params)
             if eval_rm_tok is not None and eval_rm_tok.vocab_size > ev_cfg.vocab_size:
                 raise ValueError(f"--eval-reward-model={cfg.eval_reward_model!r}: the tokenizer has "
                                  f"{eval_rm_tok.vocab_size} tokens but the model only {ev_cfg.vocab_size} embeddings")
@@ -255,3 +261,145 @@ def build_hf_pieces(cfg: TrainConfig, layout: Layout) -> HFPieces:
         evaluator = HeldOutEval(cfg, layout, apply_fn=model.apply, tokenizer=tok, held_out=held_out, judge=ev_judge,
                                 max_new_tokens=n)
     return HFPieces(model.apply, params, tok, n, oracle, judge, prompts, evaluator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks on what was loaded, before anything compiles
+# ----------------------------------------------------------------------------------------------
+
+MODEL_FLAGS = ("policy", "reward_model", "eval_reward_model")
+
+
+def model_files(path: str) -> list[str]:
+    """The files whose bytes are a checkpoint's weights: every *.safetensors and its index."""
+    names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"))
+    return [os.path.join(path, f) for f in names]
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_fingerprints(cfg: TrainConfig) -> dict:
+    """{flag: {"path": dir, "files": {name: [size, sha256]}}} of every model a run depends on
+    (policy, reward model, eval reward model): saved with each checkpoint, compared on --resume
+    (a file changed in place under the same path would otherwise be trained on silently)."""
+    out = {}
+    for field in MODEL_FLAGS:
+        path = getattr(cfg, field)
+        if path is None:
+            continue
+        files = {os.path.basename(f): [os.path.getsize(f), _sha256(f)] for f in model_files(path)}
+        out[field] = {"path": os.path.abspath(path), "files": files}
+    return out
+
+
+def changed_models(saved: Optional[dict], now: dict) -> list[str]:
+    """What differs between two `model_fingerprints`, one phrase per file, naming flag and file;
+    a checkpoint without fingerprints is one phrase too (it cannot be verified)."""
+    if not isinstance(saved, dict) or not saved:
+        return ["the checkpoint records no model fingerprints, so its models cannot be verified"]
+    changes = []
+    for field, entry in now.items():
+        flag = "--" + field.replace("_", "-")
+        was = (saved.get(field) or {}).get("files")
+        if was is None:
+            changes.append(f"{flag}: not recorded in the checkpoint")
+            continue
+        for name in sorted(set(was) | set(entry["files"])):
+            a, b = was.get(name), entry["files"].get(name)
+            where = os.path.join(entry["path"], name)
+            if a is None:
+                changes.append(f"{flag}: {where} is new")
+            elif b is None:
+                changes.append(f"{flag}: {where} is gone")
+            elif list(a) != list(b):
+                changes.append(f"{flag}: {where} changed (size {a[0]} -> {b[0]}, sha256 {str(a[1])[:12]}... -> "
+                               f"{b[1][:12]}...)")
+    return changes
+
+
+def check_finite(flag: str, path: str, params: Any) -> None:
+    """ValueError naming the tensor and its file when a loaded checkpoint holds NaN or inf (it
+    would train, then stop at round 1 blaming the loss). One small jitted reduction per leaf."""
+    import jax.numpy as jnp
+
+    finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    bad = [jax.tree_util.keystr(k) for k, x in flat
+           if jnp.issubdtype(x.dtype, jnp.floating) and not bool(finite(x))]
+    if not bad:
+        return
+    where = _non_finite_tensors(path)
+    named = ", ".join(f"{t} in {f}" for t, f in where[:3]) if where else f"parameter {bad[0]}"
+    raise ValueError(f"--{flag}={path!r}: non-finite weights (NaN or inf): {named}"
+                     f"{f' and {len(where) - 3} more' if len(where) > 3 else ''}; the checkpoint is damaged")
+
+
+def _non_finite_tensors(path: str) -> list[tuple[str, str]]:
+    """(tensor name, file) of each tensor with a NaN or inf in the checkpoint's safetensors files
+    (read again only on this failure path, to name what the file calls it)."""
+    from safetensors import safe_open
+
+    found = []
+    for f in model_files(path):
+        if not f.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(f, framework="flax") as st:
+                for name in st.keys():
+                    x = st.get_tensor(name)
+                    if np.issubdtype(np.dtype(x.dtype), np.floating) and not bool(np.isfinite(np.asarray(x, np.float32)).all()):
+                        found.append((name, os.path.basename(f)))
+        except Exception:  # noqa: BLE001 - naming is best effort: the caller still names the parameter
+            continue
+    return found
+
+
+def check_templates(cfg: TrainConfig, source: Any, tok: TextTokenizer, rm_tok: TextTokenizer) -> None:
+    """Render the first prompt with the policy's chat template (and the reward model's, which
+    judges through text when the vocabularies differ), so a chat prompt file with a base model,
+    or a template the sandbox rejects, fails here, naming the flag, not after compiling."""
+    import jinja2
+
+    first = source[0] if len(source) else None
+    if first is None or isinstance(first, str):
+        return
+    for flag, t in (("policy", tok), ("reward-model", rm_tok)):
+        if flag == "reward-model" and not t.chat_template:
+            continue  # the host judge joins the turns as plain text then
+        try:
+            t.apply_chat_template(list(first) + ([{"role": "assistant", "content": "ok"}] if flag != "policy" else []),
+                                  add_generation_prompt=flag == "policy")
+        except (ValueError, jinja2.TemplateError) as e:
+            if flag == "reward-model" and same_vocabulary(tok, rm_tok):
+                continue  # the fused judge reads token ids, never its own template
+            msg = " ".join(str(e).split())
+            raise ValueError(f"--{flag}={getattr(cfg, flag.replace('-', '_'))!r}: cannot render the chat prompts of "
+                             f"--prompts={cfg.prompts!r} ({type(e).__name__}: {msg})") from None
+
+
+def prompt_key(row: Any) -> str:
+    """A prompt's content as one comparable string (messages as canonical JSON)."""
+    import json
+
+    return row if isinstance(row, str) else json.dumps(row, sort_keys=True, ensure_ascii=False)
+
+
+def check_held_out_disjoint(cfg: TrainConfig, train_source: Any, held_out: Any) -> None:
+    """ValueError with the count when held-out prompts also occur among the training prompts, by
+    content (held out means never trained on)."""
+    n = len(train_source)
+    rows = train_source.__getitems__(range(n)) if hasattr(train_source, "__getitems__") else list(train_source)
+    seen = {prompt_key(r) for r in rows}
+    overlap = sum(prompt_key(r) in seen for r in held_out.rows)
+    if overlap:
+        raise ValueError(f"{held_out.flag}: {overlap} of its {len(held_out.rows)} prompts also occur among the "
+                         f"{n} training prompts of --prompts (by content); held-out prompts must never be trained "
+                         "on: remove them from one of the files")
