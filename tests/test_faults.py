@@ -874,10 +874,11 @@ import os, shutil, sys
 from xpo_jax import cli
 from xpo_jax.train import Program
 real = Program.step
+run_dir = sys.argv[1]
 def step(self, state, data_key, r):
     out = real(self, state, data_key, r)
     if r + 1 == 3:
-        ck = os.path.join(sys.argv[1], "x", "checkpoints")
+        ck = os.path.join(run_dir, "x", "checkpoints")
         shutil.rmtree(ck)
         open(ck, "w").write("not a directory")
     return out
