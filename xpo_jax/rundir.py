@@ -108,6 +108,9 @@ def _check_entry(path: str, kind: str) -> None:
         _refuse_link(path)
     if kind == "file" and os.path.isdir(path):
         raise UnsafeRunDir(f"{path} is a directory, but the run writes a file there: move it away")
+    if kind == "file" and not os.path.isfile(path):  # a FIFO or a device: reading it could block forever
+        raise UnsafeRunDir(f"{path} is not a regular file (a pipe or a device?), but the run writes a file there: "
+                           "move it away")
     if kind == "dir" and not os.path.isdir(path):
         raise UnsafeRunDir(f"{path} is a file, but the run keeps a directory there: move it away")
 

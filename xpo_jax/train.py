@@ -435,6 +435,7 @@ class Trainer:
             loop.last_saved = loop.start
             loop.end = cfg.rounds if stop_after is None else min(cfg.rounds, loop.start + stop_after)
             if self.lead:
+                check_run_files(self.out)  # the run dir may have changed since the constructor checked it
                 self._open_outputs(loop)
             loop.bar = self._progress(loop.start)
         except BaseException:
@@ -665,6 +666,7 @@ class Trainer:
                     writer.add_scalar(k, v, m["round"])
 
     def _summarise(self, last_round: int) -> dict:
+        check_run_files(self.out)  # again before the summaries: a link made during the run is refused too
         rows = read_metrics(os.path.join(self.out, "metrics.jsonl"))
         cfg = self.cfg
         what = {"task": cfg.task} if cfg.policy is None else {"policy": cfg.policy, "reward_model": cfg.reward_model}
