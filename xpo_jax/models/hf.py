@@ -442,12 +442,35 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
     """
 
     path = Path(path)
+    dt = _float_dtype(dtype, "float32")
+    config, kind = _loaded_config(path, dt, overrides)
+    names = _param_map(config, kind)
+    shapes = _expected_shapes(config, kind)
+    # Names, then shapes and dtypes, before reading any data: a wrong checkpoint fails fast.
+    file_of = _check_names(path, config, kind, names)
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def handle(name):
+            file = file_of[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(_safe_open(file))
+            return handles[file], file
+
+        _check_headers(path, names, shapes, handle)
+        read = _param_reader(names, shapes, handle, dt)
+        flat = {param_path: _place(param_path, shape, read, shardings)
+                for param_path, shape in shapes.items()}
+    return config, traverse_util.unflatten_dict(flat), kind
+
+
+def _loaded_config(path: Path, dt: np.dtype, overrides: Optional[dict]) -> tuple[ModelConfig, str]:
+    """(ModelConfig with storage dtype `dt` and `overrides` applied, kind) of checkpoint `path`."""
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}")
     with open(path / "config.json", encoding="utf-8") as f:
         hf_config = json.load(f)
     _, kind = hf_architecture(hf_config)
-    dt = _float_dtype(dtype, "float32")
     overrides = dict(overrides or {})
     bad = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
     if bad or "param_dtype" in overrides:
@@ -455,10 +478,12 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
                          "ModelConfig fields one may override (the storage dtype is dtype=)")
     config = dataclasses.replace(config_from_hf(hf_config), **{"dtype": dt.name, **overrides},
                                  param_dtype=dt.name).validate()
-    names = _param_map(config, kind)
-    shapes = _expected_shapes(config, kind)
+    return config, kind
 
-    # Check names before reading any data: a wrong checkpoint fails fast and names the tensors.
+
+def _check_names(path: Path, config: ModelConfig, kind: str, names: dict) -> dict[str, Path]:
+    """HF tensor name -> its file, after checking the checkpoint holds exactly `names` (besides
+    ignorable buffers and a tied head saved anyway, which transformers also ignores)."""
     files = _checkpoint_files(path)
     present = {name for file_names in files.values() for name in file_names}
     missing = sorted(set(names) - present)
@@ -472,62 +497,59 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
     if extra:
         raise ValueError(f"{path}: checkpoint has {len(extra)} unexpected tensor(s) for a "
                          f"{kind} of this config.json: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
-    file_of = {name: file for file, file_names in files.items() for name in file_names}
+    return {name: file for file, file_names in files.items() for name in file_names}
 
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
 
-        def handle(name):
-            file = file_of[name]
-            if file not in handles:
-                handles[file] = stack.enter_context(_safe_open(file))
-            return handles[file], file
+def _check_headers(path: Path, names: dict, shapes: dict, handle: Callable) -> None:
+    """Every tensor's dtype (a float) and shape (this config's), from the files' headers only."""
+    for name, e in names.items():
+        info = handle(name)[0].get_slice(name)
+        if info.get_dtype() not in _NP_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info.get_dtype()}, expected a "
+                             "float type")
+        want = _hf_shape(e, shapes[e.path])
+        if tuple(info.get_shape()) != want:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(info.get_shape())}, "
+                             f"expected {want} for this config.json")
 
-        # Shapes and dtypes from the headers, still before any data.
-        for name, e in names.items():
-            info = handle(name)[0].get_slice(name)
-            if info.get_dtype() not in _NP_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {info.get_dtype()}, expected a "
-                                 "float type")
-            want = _hf_shape(e, shapes[e.path])
-            if tuple(info.get_shape()) != want:
-                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(info.get_shape())}, "
-                                 f"expected {want} for this config.json")
 
-        members: dict[tuple, list[str]] = {}  # our path -> its HF tensor(s), in layer order
-        for name, e in sorted(names.items(), key=lambda kv: kv[1].layer or 0):
-            members.setdefault(e.path, []).append(name)
+def _param_reader(names: dict, shapes: dict, handle: Callable, dt: np.dtype) -> Callable:
+    """read(param_path, index): our parameter at `index` (a tuple of slices) as a host array of
+    dtype dt: the index swapped for a transposed kernel, assembled from per-layer tensors for a
+    stacked one; only the requested slices are read from the files."""
+    members: dict[tuple, list[str]] = {}  # our path -> its HF tensor(s), in layer order
+    for name, e in sorted(names.items(), key=lambda kv: kv[1].layer or 0):
+        members.setdefault(e.path, []).append(name)
 
-        def read(param_path, index):
-            """Our parameter `param_path` at `index` (a tuple of slices), as a host array of dtype dt."""
-            e = names[members[param_path][0]]
-            index = tuple(index) + (slice(None),) * (len(shapes[param_path]) - len(index))
+    def read(param_path, index):
+        e = names[members[param_path][0]]
+        index = tuple(index) + (slice(None),) * (len(shapes[param_path]) - len(index))
 
-            def one(name, idx):
-                x = _read_slice(*handle(name), name, idx[::-1] if e.transpose else idx)
-                return np.ascontiguousarray(x.T if e.transpose else x, dtype=dt)
+        def one(name, idx):
+            x = _read_slice(*handle(name), name, idx[::-1] if e.transpose else idx)
+            return np.ascontiguousarray(x.T if e.transpose else x, dtype=dt)
 
-            if e.layer is None:
-                return one(members[param_path][0], index)
-            layers = range(len(members[param_path]))[index[0]]  # the stacked tensor's layer slice
-            return np.stack([one(members[param_path][i], index[1:]) for i in layers])
+        if e.layer is None:
+            return one(members[param_path][0], index)
+        layers = range(len(members[param_path]))[index[0]]  # the stacked tensor's layer slice
+        return np.stack([one(members[param_path][i], index[1:]) for i in layers])
 
-        flat = {}
-        for param_path, shape in shapes.items():
-            if shardings is None:
-                # One converted host copy of the whole tensor, onto the device, then dropped.
-                flat[param_path] = jnp.asarray(read(param_path, (slice(None),) * len(shape)))
-                continue
-            seen: dict[tuple, np.ndarray] = {}  # shards replicated over "data" are read once
+    return read
 
-            def callback(index, param_path=param_path, seen=seen):
-                if _key(index) not in seen:
-                    seen[_key(index)] = read(param_path, index)
-                return seen[_key(index)]
 
-            flat[param_path] = jax.make_array_from_callback(shape, shardings(param_path, shape), callback)
-            del seen
-    return config, traverse_util.unflatten_dict(flat), kind
+def _place(param_path: tuple, shape: tuple, read: Callable, shardings: Optional[ShardingFn]) -> jax.Array:
+    """One parameter on its device(s): whole on the default device, or built shard by shard."""
+    if shardings is None:
+        # One converted host copy of the whole tensor, onto the device, then dropped.
+        return jnp.asarray(read(param_path, (slice(None),) * len(shape)))
+    seen: dict[tuple, np.ndarray] = {}  # shards replicated over "data" are read once
+
+    def callback(index):
+        if _key(index) not in seen:
+            seen[_key(index)] = read(param_path, index)
+        return seen[_key(index)]
+
+    return jax.make_array_from_callback(shape, shardings(param_path, shape), callback)
 
 
 # --------------------------------------------------------------------------------------------
