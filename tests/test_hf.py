@@ -86,11 +86,13 @@ def _randomize(hf, model, seed=0):
     return model
 
 
-def _hf_model(hf, cls_name, **cfg):
-    """A random transformers model from a config (eager attention: no fused-kernel differences)."""
+def _hf_model(hf, cls_name, config_name=None, **cfg):
+    """A random transformers model from a config (eager attention: no fused-kernel differences);
+    config_name defaults to the class's family + "Config" (e.g. Gemma3ForCausalLM needs
+    "Gemma3TextConfig")."""
     _, transformers = hf
     family = cls_name.split("For")[0]
-    config_cls = getattr(transformers, family + "Config")
+    config_cls = getattr(transformers, config_name or family + "Config")
     base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     config = config_cls(**{**base, **cfg})
