@@ -192,8 +192,6 @@ def _read_llama(hf_config: dict) -> dict:
     if _act(hf_config, "hidden_act") != "silu":
         raise NotImplementedError(f"config key 'hidden_act'={hf_config['hidden_act']!r}: only "
                                   "'silu' (SwiGLU) is implemented for this family")
-    if hf_config.get("mlp_bias"):
-        raise NotImplementedError("config key 'mlp_bias': MLP biases are not implemented")
     if hf_config.get("attention_bias"):
         # Llama's attention_bias puts a bias on o_proj too; our Attention has q/k/v bias only.
         raise NotImplementedError("config key 'attention_bias': o_proj bias is not implemented")

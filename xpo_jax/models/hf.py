@@ -143,6 +143,8 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
     if hf_config.get("quantization_config"):
         raise NotImplementedError("config key 'quantization_config': quantized checkpoints are "
                                   "not supported; use a float checkpoint")
+    if hf_config.get("mlp_bias"):
+        raise NotImplementedError("config key 'mlp_bias': MLP biases are not implemented")
     if kind == "reward_model":
         n_labels = len(hf_config["id2label"]) if hf_config.get("id2label") else hf_config.get("num_labels", 1)
         if n_labels != 1:
