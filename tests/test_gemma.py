@@ -137,3 +137,16 @@ def test_gemma_config_dialects_and_errors():
         config_from_hf({**base, "hidden_activation": "relu"})
     with pytest.raises(ValueError, match="unsupported architecture 'Gemma3ForConditionalGeneration'"):
         config_from_hf({**base, "architectures": ["Gemma3ForConditionalGeneration"]})
+
+
+def test_gemma2_reward_model_parity(hf, tmp_path):
+    """Gemma2ForSequenceClassification: the same trunk, score at the last real token."""
+    from test_hf import PAD, _our_rewards
+    model = _hf_model(hf, "Gemma2ForSequenceClassification", num_labels=1, pad_token_id=PAD,
+                      num_hidden_layers=2, query_pre_attn_scalar=12, **TINY)
+    model.save_pretrained(tmp_path)
+    config, params, kind = load_hf(tmp_path)
+    assert kind == "reward_model" and config.sandwich_norms
+    tokens, mask = _batch(config.vocab_size, seed=8)
+    theirs = _hf_out(hf, model, tokens, mask)[:, 0]
+    np.testing.assert_array_less(np.abs(_our_rewards(config, params, tokens, mask) - theirs).max(), 1e-4)

@@ -1,4 +1,4 @@
-"""Llama / Qwen2-family decoder language model in Flax Linen, with an explicit KV cache.
+"""Llama / Qwen2 / Mistral / Gemma 2-3 decoder language model in Flax Linen, with an explicit KV cache.
 
 Architecture (Touvron et al. 2023, arXiv 2302.13971; Qwen2, arXiv 2407.10671), per layer:
 
@@ -11,6 +11,19 @@ Architecture (Touvron et al. 2023, arXiv 2302.13971; Qwen2, arXiv 2407.10671), p
     RoPE       = x * cos(p w) + rotate_half(x) * sin(p w), w_i = theta^(-2i/head_dim)
                  (Su et al. 2021), HF "rotate_half" convention: the two halves of each head are
                  rotated together, so HF q/k weights import without any permutation.
+
+Gemma 2 / 3 (Gemma Team 2024, arXiv 2408.00118; 2025, arXiv 2503.19786) are the same block with
+ModelConfig options (defaults give the Llama block above): embeddings times sqrt(D); RMSNorm
+times (1 + w); GeGLU (tanh GELU) instead of SwiGLU; "sandwich" norms
+
+    h   = x + post_attention_layernorm(o_proj(Attention(input_layernorm(x))))
+    out = h + post_feedforward_layernorm(MLP(pre_feedforward_layernorm(h)))
+
+scores scaled by query_pre_attn_scalar^-1/2 and soft-capped c tanh(s / c) (Gemma 2, also the
+final logits); QK-norm (RMSNorm of each q / k head before RoPE) and a separate RoPE base for the
+local layers (Gemma 3). Sliding-window layers (Mistral, Qwen2, Gemma's local layers) mask keys
+at slots <= t - W for the query at slot t, in the full forward and the cached path alike. Extra
+parameters, named as in HF: self_attn/{q,k}_norm/scale, {pre,post}_feedforward_layernorm/scale.
 
 Padding. `mask` [B, T] marks real tokens. Prompts are left-padded and responses right-padded, so a
 row looks like `pad pad p1 p2 p3 r1 r2 EOS pad`. Positions are `cumsum(mask) - 1` clipped at 0,
@@ -73,7 +86,9 @@ Methods (call through `model.apply({"params": params}, ..., method=NAME)`):
 
 The cached path attends to the cache after writing the chunk into it, with the mask
 `slot <= index + t  and  cache.mask[b, slot]`, which is the full forward's causal-and-not-pad
-mask restated in slots; the tests check equality at every step.
+mask restated in slots (a sliding layer adds `slot > index + t - W`: the cache keeps every slot
+and the window is a mask on it, so the slots a sampler allocates do not shrink with W); the
+tests check equality at every step.
 """
 from __future__ import annotations
 
