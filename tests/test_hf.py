@@ -86,11 +86,13 @@ def _randomize(hf, model, seed=0):
     return model
 
 
-def _hf_model(hf, cls_name, **cfg):
-    """A random transformers model from a config (eager attention: no fused-kernel differences)."""
+def _hf_model(hf, cls_name, config_name=None, **cfg):
+    """A random transformers model from a config (eager attention: no fused-kernel differences);
+    config_name defaults to the class's family + "Config" (e.g. Gemma3ForCausalLM needs
+    "Gemma3TextConfig")."""
     _, transformers = hf
     family = cls_name.split("For")[0]
-    config_cls = getattr(transformers, family + "Config")
+    config_cls = getattr(transformers, config_name or family + "Config")
     base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     config = config_cls(**{**base, **cfg})
@@ -153,11 +155,11 @@ def test_qwen2_causal_lm_parity_sharded(hf, tmp_path):
 
 
 def test_mistral_causal_lm_parity(hf, tmp_path):
-    # head_dim 16 != hidden / heads = 8; sliding_window caps max_seq_len (see hf.py docstring).
+    # head_dim 16 != hidden / heads = 8; the window (128) is masking, not a length cap.
     model = _hf_model(hf, "MistralForCausalLM", head_dim=16, sliding_window=128)
     model.save_pretrained(tmp_path)
     config, params, _ = load_hf(tmp_path)
-    assert (config.head_dim, config.max_seq_len) == (16, 128)
+    assert (config.head_dim, config.max_seq_len, config.sliding_window) == (16, 256, 128)
     tokens, mask = _batch(config.vocab_size, seed=2)
     _assert_close_on_mask(_our_logits(config, params, tokens, mask),
                           _hf_out(hf, model, tokens, mask), mask)
@@ -556,16 +558,23 @@ def test_config_llama32_v4_and_v5_dialects_agree():
     assert config_from_hf(v4) == config_from_hf(v5) == want
 
 
-def test_config_sliding_window_caps_max_seq_len():
+def test_config_sliding_window_is_masking_per_layer():
+    # The window is attention masking (tests/test_gemma.py checks it against transformers);
+    # max_seq_len stays max_position_embeddings.
     mistral = {"architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
                "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 100,
                "max_position_embeddings": 32768, "sliding_window": 4096}
-    assert config_from_hf(mistral).max_seq_len == 4096
-    assert config_from_hf({**mistral, "sliding_window": None}).max_seq_len == 32768
-    # Qwen2: only when use_sliding_window is on and some layer slides.
-    assert config_from_hf(_qwen25_v4_config(use_sliding_window=True, sliding_window=1024)).max_seq_len == 1024
-    assert config_from_hf(_qwen25_v4_config(use_sliding_window=True, sliding_window=1024,
-                                            max_window_layers=24)).max_seq_len == 32768
+    c = config_from_hf(mistral)
+    assert (c.max_seq_len, c.sliding_window, c.sliding_layers()) == (32768, 4096, (True, True))
+    c = config_from_hf({**mistral, "sliding_window": None})
+    assert (c.sliding_window, c.sliding_layers()) == (None, (False, False))
+    # Qwen2: only when use_sliding_window is on, and then the layers from max_window_layers on.
+    c = config_from_hf(_qwen25_v4_config(use_sliding_window=True, sliding_window=1024, max_window_layers=22))
+    assert (c.max_seq_len, c.sliding_window) == (32768, 1024)
+    assert c.sliding_layers() == (False,) * 22 + (True,) * 2
+    c = config_from_hf(_qwen25_v4_config(use_sliding_window=True, sliding_window=1024, max_window_layers=24))
+    assert c.sliding_window is None and not any(c.sliding_layers())
+    assert config_from_hf(_qwen25_v4_config(sliding_window=1024)).sliding_window is None
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -1,13 +1,15 @@
 """Hugging Face checkpoints <-> xpo_jax parameters, through safetensors (no torch, no transformers).
 
-Supported architectures (`architectures[0]` in config.json):
+Supported architectures (`architectures[0]` in config.json), registered in models/families.py:
 
-    LlamaForCausalLM,   MistralForCausalLM,   Qwen2ForCausalLM                -> kind "causal_lm"
+    LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma2ForCausalLM,
+    Gemma3ForCausalLM (text-only, model_type gemma3_text)                       -> kind "causal_lm"
     LlamaForSequenceClassification, MistralForSequenceClassification,
-    Qwen2ForSequenceClassification  (num_labels = 1, a scalar reward)        -> kind "reward_model"
+    Qwen2ForSequenceClassification, Gemma2ForSequenceClassification,
+    Gemma3TextForSequenceClassification  (num_labels = 1, a scalar reward)     -> kind "reward_model"
 
 A "causal_lm" loads into `Transformer`, a "reward_model" into `RewardModel`; the parameter names
-follow the mechanical map in transformer.py's module docstring (`_param_map` below spells it out).
+follow the mechanical map in transformer.py's module docstring (families.param_map spells it out).
 
     config_from_hf(hf_config)                  config.json (a dict) -> ModelConfig
     load_hf(path, dtype=None, shardings=None,  checkpoint dir -> (ModelConfig, params, kind),
@@ -19,14 +21,14 @@ top level and `torch_dtype`; transformers 5.x writes `rope_parameters` ({rope_ty
 ...}) and `dtype`. save_hf writes both, so either version loads its output.
 
 Features we do not implement raise NotImplementedError naming the config key: hidden_act other than
-silu, Llama's `attention_bias` (it also adds an o_proj bias) or `mlp_bias`, RoPE types other than
-"default" and "llama3", `partial_rotary_factor` < 1, quantized checkpoints, more than one label.
+silu (gelu_pytorch_tanh for Gemma), Llama's `attention_bias` (it also adds an o_proj bias) or
+`mlp_bias`, RoPE types other than "default", "linear" and "llama3", `partial_rotary_factor` < 1,
+quantized checkpoints, more than one label, Gemma 3's bidirectional attention.
 
-Sliding-window attention (Mistral v0.1's `sliding_window: 4096`, Qwen2's `use_sliding_window`) is
-handled by capping `max_seq_len` at the window: on sequences no longer than the window, sliding-
-window attention sees every earlier token, i.e. it IS full causal attention, and the sampler and
-tasks refuse sequences longer than `max_seq_len`. A window >= max_position_embeddings changes
-nothing. (HF measures the window in padded slots, we bound slots by max_seq_len, so the two agree.)
+Sliding-window attention (Mistral's `sliding_window`, Qwen2's `use_sliding_window`, Gemma 2 / 3's
+local layers) is real masking (ModelConfig.sliding_window / layer_types): a query at slot t sees
+keys at slots t - W < s <= t, slots counting padding as HF's cache positions do, in the full
+forward and in the KV-cached decode alike.
 
 Reward models and padding. HF's `*ForSequenceClassification` reads the score at "the rightmost
 token that is not `pad_token_id`" (transformers >= 4.47; this handles left and right padding; a
@@ -58,7 +60,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,22 +68,13 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from xpo_jax.models.transformer import Llama3RopeScaling, ModelConfig, RewardModel, Transformer
+from xpo_jax.models import families
+from xpo_jax.models.transformer import ModelConfig, RewardModel, Transformer
 
 KINDS = ("causal_lm", "reward_model")
 
-# architectures[0] -> (family, kind). The family decides bias and defaults; see config_from_hf.
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("llama", "causal_lm"),
-    "MistralForCausalLM": ("mistral", "causal_lm"),
-    "Qwen2ForCausalLM": ("qwen2", "causal_lm"),
-    "LlamaForSequenceClassification": ("llama", "reward_model"),
-    "MistralForSequenceClassification": ("mistral", "reward_model"),
-    "Qwen2ForSequenceClassification": ("qwen2", "reward_model"),
-}
-
-# HF config class defaults (transformers 5.x) for keys a config.json may leave out.
-_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+# architectures[0] -> (family name, kind), from the registry in models/families.py.
+ARCHITECTURES: dict[str, tuple[str, str]] = {a: (f.name, k) for a, (f, k) in families.ARCHITECTURES.items()}
 
 # Checkpoint tensors that carry no parameter: old Llama checkpoints saved RoPE's inverse
 # frequencies as a buffer; we recompute them from rope_theta.
@@ -104,22 +97,27 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def hf_architecture(hf_config: dict) -> tuple[str, str]:
-    """(family, kind) of a config.json dict: family in {"llama", "mistral", "qwen2"}, kind in KINDS.
+    """(family, kind) of a config.json dict: family a name in models/families.py (e.g. "llama",
+    "gemma2"), kind in KINDS.
 
     Uses `architectures[0]`; a config without `architectures` (written by a bare
     `Config().save_pretrained`) is taken as the causal LM of its `model_type`.
     """
+    family, kind = _family(hf_config)
+    return family.name, kind
+
+
+def _family(hf_config: dict) -> tuple[families.Family, str]:
     archs = hf_config.get("architectures")
     if archs:
-        arch = archs[0]
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
-        return ARCHITECTURES[arch]
+        if archs[0] not in families.ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {sorted(ARCHITECTURES)}")
+        return families.ARCHITECTURES[archs[0]]
     model_type = hf_config.get("model_type")
-    if model_type not in _MAX_POSITIONS:
+    if model_type not in families.MODEL_TYPES:
         raise ValueError(f"config has no 'architectures' and unsupported model_type {model_type!r}; "
                          f"supported: {sorted(ARCHITECTURES)}")
-    return model_type, "causal_lm"
+    return families.MODEL_TYPES[model_type], "causal_lm"
 
 
 def _require(hf_config: dict, key: str):
@@ -128,120 +126,66 @@ def _require(hf_config: dict, key: str):
     return hf_config[key]
 
 
-def _rope(hf_config: dict) -> tuple[float, Optional[Llama3RopeScaling]]:
-    """(rope_theta, llama3 scaling or None) from either config dialect, with transformers 5's
-    precedence: `rope_scaling`, else `rope_parameters`; theta from the dict, else top level."""
-    key = "rope_scaling" if hf_config.get("rope_scaling") else "rope_parameters"
-    rope = dict(hf_config.get(key) or {})
-    layer_types = set(hf_config.get("layer_types") or ())
-    if rope and layer_types and set(rope) <= layer_types:
-        # Nested per layer type ({"full_attention": {...}, ...}): fine if all layers agree.
-        variants = [v for v in rope.values() if v is not None]
-        if any(v != variants[0] for v in variants):
-            raise NotImplementedError(f"config key {key!r}: different RoPE per layer type {rope}")
-        rope = dict(variants[0]) if variants else {}
-    theta = float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    partial = rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise NotImplementedError(f"config key 'partial_rotary_factor'={partial}: RoPE on part of "
-                                  "each head is not implemented")
-    if rope_type == "default":
-        return theta, None
-    if rope_type == "llama3":
-        max_pos = hf_config.get("max_position_embeddings", 8192)
-        return theta, Llama3RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position=int(rope.get("original_max_position_embeddings", max_pos)),
-        )
-    raise NotImplementedError(f"config key {key!r}: rope_type {rope_type!r} is not implemented "
-                              "(supported: 'default', 'llama3')")
-
-
-def _sliding_window(hf_config: dict, family: str) -> Optional[int]:
-    """The attention window if some layer uses one, else None (see the module docstring)."""
-    if family == "mistral":
-        return hf_config.get("sliding_window")
-    if family == "qwen2" and hf_config.get("use_sliding_window") and hf_config.get("sliding_window"):
-        n_layers = hf_config.get("num_hidden_layers") or 0
-        layer_types = hf_config.get("layer_types")
-        if layer_types is None:  # transformers' rule: layers from max_window_layers on slide
-            sliding = hf_config.get("max_window_layers", 28) < n_layers
-        else:
-            sliding = "sliding_attention" in layer_types
-        return hf_config["sliding_window"] if sliding else None
-    return None
-
-
 def config_from_hf(hf_config: dict) -> ModelConfig:
-    """ModelConfig (float32 compute and storage) of a Llama / Mistral / Qwen2 config.json dict.
+    """ModelConfig (float32 compute and storage) of a config.json dict of a supported family.
 
-    Raises ValueError for an unknown architecture or a missing required key, and
-    NotImplementedError naming the key of a feature present in the config that we do not support.
+    The shared keys (sizes, RoPE, norm eps, tying) are read here; the family's `read` adds its own
+    (windows, soft-caps, ...) and its `fixed` block options (models/families.py). Keys the file
+    leaves out take the HF config class defaults (`hf_defaults`). Raises ValueError for an
+    unknown architecture or a missing required key, and NotImplementedError naming the key of a
+    feature present in the config that we do not support.
     """
-    family, kind = hf_architecture(hf_config)
+    family, kind = _family(hf_config)
+    # Defaults fill absent keys only: an explicit null means "none" (e.g. no soft-capping).
+    hf_config = {**family.hf_defaults, **hf_config}
+    if hf_config.get("max_position_embeddings") is None:
+        hf_config["max_position_embeddings"] = family.hf_defaults["max_position_embeddings"]
     if hf_config.get("quantization_config"):
         raise NotImplementedError("config key 'quantization_config': quantized checkpoints are "
                                   "not supported; use a float checkpoint")
-    act = hf_config.get("hidden_act", "silu")
-    if act != "silu":
-        raise NotImplementedError(f"config key 'hidden_act'={act!r}: only 'silu' (SwiGLU) is implemented")
     if hf_config.get("mlp_bias"):
         raise NotImplementedError("config key 'mlp_bias': MLP biases are not implemented")
-    if family != "qwen2" and hf_config.get("attention_bias"):
-        # Llama's attention_bias puts a bias on o_proj too; our Attention has q/k/v bias only.
-        raise NotImplementedError("config key 'attention_bias': o_proj bias is not implemented")
     if kind == "reward_model":
         n_labels = len(hf_config["id2label"]) if hf_config.get("id2label") else hf_config.get("num_labels", 1)
         if n_labels != 1:
             raise NotImplementedError(f"config key 'id2label': {n_labels} labels; a reward model "
                                       "has exactly one (num_labels=1)")
-
     d_model = int(_require(hf_config, "hidden_size"))
     n_heads = int(_require(hf_config, "num_attention_heads"))
-    theta, rope_scaling = _rope(hf_config)
-    max_seq_len = int(hf_config.get("max_position_embeddings") or _MAX_POSITIONS[family])
-    window = _sliding_window(hf_config, family)
-    if window is not None and window < max_seq_len:
-        max_seq_len = int(window)
-    return ModelConfig(
-        vocab_size=int(_require(hf_config, "vocab_size")),
+    for key in ("vocab_size", "num_hidden_layers", "intermediate_size"):
+        _require(hf_config, key)
+    extra = {**family.fixed, **family.read(hf_config)}
+    if "rope_theta" not in extra:  # one RoPE for every layer (Gemma 3 reads its own pair)
+        extra["rope_theta"], extra["rope_scaling"] = families.rope_from_hf(hf_config)
+    fields = dict(
+        vocab_size=int(hf_config["vocab_size"]),
         d_model=d_model,
-        n_layers=int(_require(hf_config, "num_hidden_layers")),
+        n_layers=int(hf_config["num_hidden_layers"]),
         n_heads=n_heads,
         n_kv_heads=int(hf_config.get("num_key_value_heads") or n_heads),
         head_dim=int(hf_config.get("head_dim") or d_model // n_heads),
-        mlp_dim=int(_require(hf_config, "intermediate_size")),
-        rope_theta=theta,
+        mlp_dim=int(hf_config["intermediate_size"]),
         rms_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-        qkv_bias=family == "qwen2",  # Qwen2's q/k/v projections always have a bias
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        max_seq_len=max_seq_len,
+        max_seq_len=int(hf_config["max_position_embeddings"]),
         init_std=float(hf_config.get("initializer_range", 0.02)),
-        rope_scaling=rope_scaling,
-    ).validate()
+    )
+    return ModelConfig(**fields, **extra).validate()
 
 
 def config_to_hf(config: ModelConfig, kind: str = "causal_lm", dtype: Any = None) -> dict:
-    """config.json for `config`: Qwen2 when it has q/k/v bias, else Llama (the only HF family
-    that matches each case exactly). `dtype` (default: the parameter dtype) is the tensors' dtype."""
+    """config.json for `config`, as the first family of models/families.py that expresses it
+    exactly (Llama, Qwen2 with q/k/v bias, Mistral with a window on every layer, Gemma 2 / 3).
+    `dtype` (default: the parameter dtype) is the tensors' dtype."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    family = "qwen2" if config.qkv_bias else "llama"
-    arch = {"llama": "Llama", "qwen2": "Qwen2"}[family] + (
-        "ForCausalLM" if kind == "causal_lm" else "ForSequenceClassification")
+    family = families.family_of(config)
+    arch = next(a for a, k in family.architectures.items() if k == kind)
     dtype_name = jnp.dtype(config.param_dtype if dtype is None else dtype).name
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
-        rs = config.rope_scaling
-        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": rs.factor,
-                "low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
-                "original_max_position_embeddings": rs.original_max_position}
+    rope = families.rope_to_hf(config.rope_theta, config.rope_scaling)
     hf = {
         "architectures": [arch],
-        "model_type": family,
+        "model_type": family.name,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layers,
@@ -264,11 +208,8 @@ def config_to_hf(config: ModelConfig, kind: str = "causal_lm", dtype: Any = None
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
+        **family.write(config),
     }
-    if family == "llama":
-        hf.update(attention_bias=False, mlp_bias=False)
-    else:
-        hf.update(use_sliding_window=False, sliding_window=None)
     if kind == "reward_model":
         hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return hf
@@ -279,41 +220,12 @@ def config_to_hf(config: ModelConfig, kind: str = "causal_lm", dtype: Any = None
 # --------------------------------------------------------------------------------------------
 
 
-class _Entry(NamedTuple):
-    """Where one HF tensor goes: our param path, whether the kernel is the transposed HF weight,
-    and (scan_layers) its index on the leading layer axis of a stacked parameter, else None."""
-
-    path: tuple
-    transpose: bool
-    layer: Optional[int]
+def _param_map(config: ModelConfig, kind: str) -> dict[str, families.Entry]:
+    """HF tensor name -> Entry for every parameter of the model (models/families.py)."""
+    return families.param_map(config, kind)
 
 
-def _param_map(config: ModelConfig, kind: str) -> dict[str, _Entry]:
-    """HF tensor name -> _Entry for every parameter of the model."""
-    m: dict[str, _Entry] = {
-        "model.embed_tokens.weight": _Entry(("model", "embed_tokens", "embedding"), False, None),
-        "model.norm.weight": _Entry(("model", "norm", "scale"), False, None),
-    }
-    for i in range(config.n_layers):
-        hf = f"model.layers.{i}."
-        ours, layer = (("model", "layers"), i) if config.scan_layers else (("model", f"layers_{i}"), None)
-        m[hf + "input_layernorm.weight"] = _Entry(ours + ("input_layernorm", "scale"), False, layer)
-        m[hf + "post_attention_layernorm.weight"] = _Entry(ours + ("post_attention_layernorm", "scale"),
-                                                           False, layer)
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            m[hf + f"self_attn.{proj}.weight"] = _Entry(ours + ("self_attn", proj, "kernel"), True, layer)
-            if config.qkv_bias and proj != "o_proj":
-                m[hf + f"self_attn.{proj}.bias"] = _Entry(ours + ("self_attn", proj, "bias"), False, layer)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            m[hf + f"mlp.{proj}.weight"] = _Entry(ours + ("mlp", proj, "kernel"), True, layer)
-    if kind == "causal_lm" and not config.tie_embeddings:
-        m["lm_head.weight"] = _Entry(("lm_head", "kernel"), True, None)
-    if kind == "reward_model":
-        m["score.weight"] = _Entry(("score", "kernel"), True, None)
-    return m
-
-
-def _hf_shape(entry: _Entry, shape: tuple) -> tuple:
+def _hf_shape(entry: families.Entry, shape: tuple) -> tuple:
     """Shape of the HF tensor of `entry`, given the shape of our (possibly stacked) parameter."""
     shape = tuple(shape[1:]) if entry.layer is not None else tuple(shape)
     return shape[::-1] if entry.transpose else shape
@@ -442,12 +354,35 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
     """
 
     path = Path(path)
+    dt = _float_dtype(dtype, "float32")
+    config, kind = _loaded_config(path, dt, overrides)
+    names = _param_map(config, kind)
+    shapes = _expected_shapes(config, kind)
+    # Names, then shapes and dtypes, before reading any data: a wrong checkpoint fails fast.
+    file_of = _check_names(path, config, kind, names)
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def handle(name):
+            file = file_of[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(_safe_open(file))
+            return handles[file], file
+
+        _check_headers(path, names, shapes, handle)
+        read = _param_reader(names, shapes, handle, dt)
+        flat = {param_path: _place(param_path, shape, read, shardings)
+                for param_path, shape in shapes.items()}
+    return config, traverse_util.unflatten_dict(flat), kind
+
+
+def _loaded_config(path: Path, dt: np.dtype, overrides: Optional[dict]) -> tuple[ModelConfig, str]:
+    """(ModelConfig with storage dtype `dt` and `overrides` applied, kind) of checkpoint `path`."""
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}")
     with open(path / "config.json", encoding="utf-8") as f:
         hf_config = json.load(f)
     _, kind = hf_architecture(hf_config)
-    dt = _float_dtype(dtype, "float32")
     overrides = dict(overrides or {})
     bad = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
     if bad or "param_dtype" in overrides:
@@ -455,10 +390,12 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
                          "ModelConfig fields one may override (the storage dtype is dtype=)")
     config = dataclasses.replace(config_from_hf(hf_config), **{"dtype": dt.name, **overrides},
                                  param_dtype=dt.name).validate()
-    names = _param_map(config, kind)
-    shapes = _expected_shapes(config, kind)
+    return config, kind
 
-    # Check names before reading any data: a wrong checkpoint fails fast and names the tensors.
+
+def _check_names(path: Path, config: ModelConfig, kind: str, names: dict) -> dict[str, Path]:
+    """HF tensor name -> its file, after checking the checkpoint holds exactly `names` (besides
+    ignorable buffers and a tied head saved anyway, which transformers also ignores)."""
     files = _checkpoint_files(path)
     present = {name for file_names in files.values() for name in file_names}
     missing = sorted(set(names) - present)
@@ -472,62 +409,59 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
     if extra:
         raise ValueError(f"{path}: checkpoint has {len(extra)} unexpected tensor(s) for a "
                          f"{kind} of this config.json: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
-    file_of = {name: file for file, file_names in files.items() for name in file_names}
+    return {name: file for file, file_names in files.items() for name in file_names}
 
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
 
-        def handle(name):
-            file = file_of[name]
-            if file not in handles:
-                handles[file] = stack.enter_context(_safe_open(file))
-            return handles[file], file
+def _check_headers(path: Path, names: dict, shapes: dict, handle: Callable) -> None:
+    """Every tensor's dtype (a float) and shape (this config's), from the files' headers only."""
+    for name, e in names.items():
+        info = handle(name)[0].get_slice(name)
+        if info.get_dtype() not in _NP_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info.get_dtype()}, expected a "
+                             "float type")
+        want = _hf_shape(e, shapes[e.path])
+        if tuple(info.get_shape()) != want:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(info.get_shape())}, "
+                             f"expected {want} for this config.json")
 
-        # Shapes and dtypes from the headers, still before any data.
-        for name, e in names.items():
-            info = handle(name)[0].get_slice(name)
-            if info.get_dtype() not in _NP_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {info.get_dtype()}, expected a "
-                                 "float type")
-            want = _hf_shape(e, shapes[e.path])
-            if tuple(info.get_shape()) != want:
-                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(info.get_shape())}, "
-                                 f"expected {want} for this config.json")
 
-        members: dict[tuple, list[str]] = {}  # our path -> its HF tensor(s), in layer order
-        for name, e in sorted(names.items(), key=lambda kv: kv[1].layer or 0):
-            members.setdefault(e.path, []).append(name)
+def _param_reader(names: dict, shapes: dict, handle: Callable, dt: np.dtype) -> Callable:
+    """read(param_path, index): our parameter at `index` (a tuple of slices) as a host array of
+    dtype dt: the index swapped for a transposed kernel, assembled from per-layer tensors for a
+    stacked one; only the requested slices are read from the files."""
+    members: dict[tuple, list[str]] = {}  # our path -> its HF tensor(s), in layer order
+    for name, e in sorted(names.items(), key=lambda kv: kv[1].layer or 0):
+        members.setdefault(e.path, []).append(name)
 
-        def read(param_path, index):
-            """Our parameter `param_path` at `index` (a tuple of slices), as a host array of dtype dt."""
-            e = names[members[param_path][0]]
-            index = tuple(index) + (slice(None),) * (len(shapes[param_path]) - len(index))
+    def read(param_path, index):
+        e = names[members[param_path][0]]
+        index = tuple(index) + (slice(None),) * (len(shapes[param_path]) - len(index))
 
-            def one(name, idx):
-                x = _read_slice(*handle(name), name, idx[::-1] if e.transpose else idx)
-                return np.ascontiguousarray(x.T if e.transpose else x, dtype=dt)
+        def one(name, idx):
+            x = _read_slice(*handle(name), name, idx[::-1] if e.transpose else idx)
+            return np.ascontiguousarray(x.T if e.transpose else x, dtype=dt)
 
-            if e.layer is None:
-                return one(members[param_path][0], index)
-            layers = range(len(members[param_path]))[index[0]]  # the stacked tensor's layer slice
-            return np.stack([one(members[param_path][i], index[1:]) for i in layers])
+        if e.layer is None:
+            return one(members[param_path][0], index)
+        layers = range(len(members[param_path]))[index[0]]  # the stacked tensor's layer slice
+        return np.stack([one(members[param_path][i], index[1:]) for i in layers])
 
-        flat = {}
-        for param_path, shape in shapes.items():
-            if shardings is None:
-                # One converted host copy of the whole tensor, onto the device, then dropped.
-                flat[param_path] = jnp.asarray(read(param_path, (slice(None),) * len(shape)))
-                continue
-            seen: dict[tuple, np.ndarray] = {}  # shards replicated over "data" are read once
+    return read
 
-            def callback(index, param_path=param_path, seen=seen):
-                if _key(index) not in seen:
-                    seen[_key(index)] = read(param_path, index)
-                return seen[_key(index)]
 
-            flat[param_path] = jax.make_array_from_callback(shape, shardings(param_path, shape), callback)
-            del seen
-    return config, traverse_util.unflatten_dict(flat), kind
+def _place(param_path: tuple, shape: tuple, read: Callable, shardings: Optional[ShardingFn]) -> jax.Array:
+    """One parameter on its device(s): whole on the default device, or built shard by shard."""
+    if shardings is None:
+        # One converted host copy of the whole tensor, onto the device, then dropped.
+        return jnp.asarray(read(param_path, (slice(None),) * len(shape)))
+    seen: dict[tuple, np.ndarray] = {}  # shards replicated over "data" are read once
+
+    def callback(index):
+        if _key(index) not in seen:
+            seen[_key(index)] = read(param_path, index)
+        return seen[_key(index)]
+
+    return jax.make_array_from_callback(shape, shardings(param_path, shape), callback)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Llama / Qwen2-family decoder language model in Flax Linen, with an explicit KV cache.
+"""Llama / Qwen2 / Mistral / Gemma 2-3 decoder language model in Flax Linen, with an explicit KV cache.
 
 Architecture (Touvron et al. 2023, arXiv 2302.13971; Qwen2, arXiv 2407.10671), per layer:
 
@@ -11,6 +11,19 @@ Architecture (Touvron et al. 2023, arXiv 2302.13971; Qwen2, arXiv 2407.10671), p
     RoPE       = x * cos(p w) + rotate_half(x) * sin(p w), w_i = theta^(-2i/head_dim)
                  (Su et al. 2021), HF "rotate_half" convention: the two halves of each head are
                  rotated together, so HF q/k weights import without any permutation.
+
+Gemma 2 / 3 (Gemma Team 2024, arXiv 2408.00118; 2025, arXiv 2503.19786) are the same block with
+ModelConfig options (defaults give the Llama block above): embeddings times sqrt(D); RMSNorm
+times (1 + w); GeGLU (tanh GELU) instead of SwiGLU; "sandwich" norms
+
+    h   = x + post_attention_layernorm(o_proj(Attention(input_layernorm(x))))
+    out = h + post_feedforward_layernorm(MLP(pre_feedforward_layernorm(h)))
+
+scores scaled by query_pre_attn_scalar^-1/2 and soft-capped c tanh(s / c) (Gemma 2, also the
+final logits); QK-norm (RMSNorm of each q / k head before RoPE) and a separate RoPE base for the
+local layers (Gemma 3). Sliding-window layers (Mistral, Qwen2, Gemma's local layers) mask keys
+at slots <= t - W for the query at slot t, in the full forward and the cached path alike. Extra
+parameters, named as in HF: self_attn/{q,k}_norm/scale, {pre,post}_feedforward_layernorm/scale.
 
 Padding. `mask` [B, T] marks real tokens. Prompts are left-padded and responses right-padded, so a
 row looks like `pad pad p1 p2 p3 r1 r2 EOS pad`. Positions are `cumsum(mask) - 1` clipped at 0,
@@ -73,7 +86,9 @@ Methods (call through `model.apply({"params": params}, ..., method=NAME)`):
 
 The cached path attends to the cache after writing the chunk into it, with the mask
 `slot <= index + t  and  cache.mask[b, slot]`, which is the full forward's causal-and-not-pad
-mask restated in slots; the tests check equality at every step.
+mask restated in slots (a sliding layer adds `slot > index + t - W`: the cache keeps every slot
+and the window is a mask on it, so the slots a sampler allocates do not shrink with W); the
+tests check equality at every step.
 """
 from __future__ import annotations
 
@@ -108,6 +123,22 @@ class Llama3RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRopeScaling:
+    """Position interpolation (HF `rope_type="linear"`, Gemma 3's global layers): w_i / factor."""
+
+    factor: float = 1.0
+
+
+# Layer kinds (HF `layer_types`): full causal attention, or causal attention over the last
+# `sliding_window` slots only (Mistral, Gemma 2/3 local layers).
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# MLP gate activations: SwiGLU (Llama) or GeGLU with the tanh approximation of GELU (Gemma;
+# HF "gelu_pytorch_tanh": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))).
+ACTIVATIONS: dict[str, Any] = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
 
 
 # What the backward pass keeps of a decoder layer's forward (`jax.checkpoint` policies).
@@ -159,6 +190,25 @@ class ModelConfig:
     suppress_ids: token ids the model never generates: their logits are set to SUPPRESSED_LOGIT
       (finite, so log-probs stay finite), in `_logits`, the one place logits are made, so the
       sampler, training log-probs and exact evaluation all see the same distribution.
+
+    Block options (defaults: Llama / Qwen2; Gemma 2 / 3 set them, see models/families.py):
+      hidden_act: MLP gate activation, a key of ACTIVATIONS ("silu" SwiGLU, "gelu_tanh" GeGLU).
+      norm_plus_one: RMSNorm multiplies by (1 + w) in float32 (w initialised to 0), as Gemma.
+      embed_scale: embeddings times sqrt(d_model), rounded to the compute dtype (as HF Gemma).
+      sandwich_norms: Gemma 2's pre- AND post-norms: x + post_attention_layernorm(attn(
+        input_layernorm(x))), then h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))).
+        (Without it post_attention_layernorm is the pre-MLP norm, as Llama names it.)
+      qk_norm: RMSNorm over head_dim of each query and key head before RoPE (Gemma 3).
+      query_pre_attn_scalar: attention scores scaled by query_pre_attn_scalar^-1/2 instead of
+        head_dim^-1/2 (Gemma).
+      attn_softcap / final_softcap: soft-capping c tanh(s / c) of the attention scores (before
+        the mask) / of the final logits (Gemma 2); None is no capping.
+      sliding_window: W; a "sliding_attention" layer's query at slot t sees keys at slots
+        t - W < s <= t only (HF's rule, slots counting padding as HF's cache positions do).
+      layer_types: per layer "full_attention" or "sliding_attention" (HF `layer_types`); empty:
+        every layer slides if sliding_window is set (Mistral), else none does.
+      rope_local_theta: RoPE base of the sliding layers, which then use no rope_scaling (Gemma 3's
+        rope_local_base_freq); None: every layer uses rope_theta and rope_scaling.
     """
 
     vocab_size: int
@@ -180,12 +230,30 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = False
     suppress_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"
+    norm_plus_one: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    qk_norm: bool = False
+    query_pre_attn_scalar: Optional[float] = None
+    attn_softcap: Optional[float] = None
+    final_softcap: Optional[float] = None
+    sliding_window: Optional[int] = None
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: Optional[float] = None
 
     def __post_init__(self):
         # A list is the natural way to write ids on a command line or in JSON; the config must
         # stay hashable (it is a static field of the Flax modules), so store a tuple.
-        if isinstance(self.suppress_ids, list):
-            object.__setattr__(self, "suppress_ids", tuple(self.suppress_ids))
+        for name in ("suppress_ids", "layer_types"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it attend over the sliding window only?"""
+        if self.layer_types:
+            return tuple(t == "sliding_attention" for t in self.layer_types)
+        return (self.sliding_window is not None,) * self.n_layers
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -239,11 +307,39 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.suppress_ids suppresses all {self.vocab_size} tokens")
         rs = self.rope_scaling
         if rs is not None:
-            if not isinstance(rs, Llama3RopeScaling):
-                raise ValueError(f"ModelConfig.rope_scaling must be None or Llama3RopeScaling, got {rs!r}")
-            if not (rs.factor > 0 and rs.high_freq_factor > rs.low_freq_factor > 0
-                    and rs.original_max_position > 0):
+            if not isinstance(rs, (Llama3RopeScaling, LinearRopeScaling)):
+                raise ValueError(f"ModelConfig.rope_scaling must be None, Llama3RopeScaling or "
+                                 f"LinearRopeScaling, got {rs!r}")
+            if isinstance(rs, LinearRopeScaling) and not rs.factor > 0:
                 raise ValueError(f"ModelConfig.rope_scaling has bad values: {rs!r}")
+            if isinstance(rs, Llama3RopeScaling) and not (
+                    rs.factor > 0 and rs.high_freq_factor > rs.low_freq_factor > 0 and rs.original_max_position > 0):
+                raise ValueError(f"ModelConfig.rope_scaling has bad values: {rs!r}")
+        return self._validate_block_options()
+
+    def _validate_block_options(self) -> "ModelConfig":
+        """The Gemma-style options (see the class docstring); returns self."""
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.hidden_act must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.hidden_act!r}")
+        for name in ("norm_plus_one", "embed_scale", "sandwich_norms", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and v > 0 and math.isfinite(v)):
+                raise ValueError(f"ModelConfig.{name} must be None or a positive finite number, got {v!r}")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, (int, np.integer)) or isinstance(w, bool) or w <= 0):
+            raise ValueError(f"ModelConfig.sliding_window must be None or a positive int, got {w!r}")
+        lt = self.layer_types
+        if not isinstance(lt, tuple) or (lt and len(lt) != self.n_layers) or set(lt) - set(LAYER_TYPES):
+            raise ValueError(f"ModelConfig.layer_types must be () or {self.n_layers} (n_layers) entries "
+                             f"of {LAYER_TYPES}, got {lt!r}")
+        if "sliding_attention" in lt and w is None:
+            raise ValueError("ModelConfig.layer_types has sliding_attention layers but sliding_window "
+                             "is None")
         return self
 
 
@@ -347,13 +443,19 @@ def last_token_index(mask: Array) -> Array:
     return (T - 1 - jnp.argmax(mask.astype(bool)[:, ::-1], axis=-1)).astype(jnp.int32)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """w_i = theta^(-2i/Dh), i < Dh/2, computed in float32 as HF does, optionally llama3-scaled."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> np.ndarray:
+    """w_i = theta^(-2i/Dh), i < Dh/2, computed in float32 as HF does, optionally llama3- or
+    linearly scaled. `local`: the sliding layers' frequencies when config.rope_local_theta is set
+    (that base, no scaling, as Gemma 3's rope_local_base_freq)."""
     d = config.head_dim
-    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / d)))
+    local = local and config.rope_local_theta is not None
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / d)))
     inv = inv.astype(np.float32)
-    rs = config.rope_scaling
-    if rs is not None:
+    rs = None if local else config.rope_scaling
+    if isinstance(rs, LinearRopeScaling):
+        inv = (inv / np.float32(rs.factor)).astype(np.float32)
+    elif rs is not None:
         L = rs.original_max_position
         wavelen = 2 * math.pi / inv
         scaled = np.where(wavelen > L / rs.low_freq_factor, inv / rs.factor, inv)
@@ -383,18 +485,34 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class RMSNorm(nn.Module):
-    """y = scale * x / sqrt(mean(x^2) + eps); statistics in float32 (as HF)."""
+    """y = scale * x / sqrt(mean(x^2) + eps); statistics in float32 (as HF).
+
+    plus_one (Gemma): y = (1 + scale) * x / sqrt(...), scale initialised to 0 and the product
+    taken in float32 before the cast (HF's Gemma RMSNorm; Llama casts first, then multiplies)."""
 
     eps: float
     dtype: Any
     param_dtype: Any
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
         y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
         return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _norm(config: ModelConfig) -> RMSNorm:
+    return RMSNorm(config.rms_eps, config.compute_dtype, config.storage_dtype, config.norm_plus_one)
+
+
+def softcap(x: Array, cap: Optional[float]) -> Array:
+    """cap * tanh(x / cap) (Gemma 2's soft-capping of scores and logits); identity when cap is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def _dense(config: ModelConfig, features: int, use_bias: bool, name: Optional[str] = None) -> nn.Dense:
@@ -403,15 +521,18 @@ def _dense(config: ModelConfig, features: int, use_bias: bool, name: Optional[st
                     kernel_init=nn.initializers.normal(config.init_std), name=name)
 
 
-def _attend(q: Array, k: Array, v: Array, visible: Array) -> Array:
+def _attend(q: Array, k: Array, v: Array, visible: Array, config: ModelConfig) -> Array:
     """Grouped-query attention.
 
     q [B, Hkv, G, T, Dh], k/v [B, Hkv, S, Dh], visible [B, T, S] bool -> [B, Hkv, G, T, Dh].
-    Scores and softmax in float32. Hidden keys get the most negative finite float rather than
-    -inf, so a query that sees no key (a padded position) yields a uniform average, not NaN.
+    Scores (scaled by head_dim^-1/2, or query_pre_attn_scalar^-1/2, then soft-capped when
+    attn_softcap is set) and softmax in float32. Hidden keys get the most negative finite float
+    rather than -inf, so a query that sees no key (a padded position) yields a uniform average,
+    not NaN.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(config.query_pre_attn_scalar or q.shape[-1])
     scores = jnp.einsum("bhgtd,bhsd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap(scores, config.attn_softcap)
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhgts,bhsd->bhgtd", probs, v)
@@ -428,6 +549,9 @@ class Attention(nn.Module):
         self.k_proj = _dense(c, c.n_kv_heads * c.head_dim, c.qkv_bias)
         self.v_proj = _dense(c, c.n_kv_heads * c.head_dim, c.qkv_bias)
         self.o_proj = _dense(c, c.d_model, False)
+        if c.qk_norm:
+            self.q_norm = _norm(c)
+            self.k_norm = _norm(c)
 
     def __call__(self, x, rope, visible, layer_cache=None, index=None, layer=None):
         """x [B, T, D]; rope = (cos, sin) [B, T, Dh]; visible [B, T, S]. Without a cache S = T
@@ -445,6 +569,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, T, c.n_kv_heads, G, c.head_dim)
         k = self.k_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:  # per head, over head_dim, before RoPE (Gemma 3)
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, *rope).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
         k = apply_rope(k, *rope).transpose(0, 2, 1, 3)     # [B, Hkv, T, Dh]
         v = v.transpose(0, 2, 1, 3)
@@ -463,13 +589,14 @@ class Attention(nn.Module):
             layer_cache = (ck, cv)
             k = lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
             v = lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
-        out = _attend(q, k, v, visible)  # [B, Hkv, G, T, Dh]
+        out = _attend(q, k, v, visible, c)  # [B, Hkv, G, T, Dh]
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim)
         return self.o_proj(out), layer_cache
 
 
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """Gated MLP (Shazeer 2020): down_proj(act(gate_proj(x)) * up_proj(x)), act = silu (SwiGLU)
+    or tanh-approximated GELU (GeGLU), config.hidden_act."""
 
     config: ModelConfig
 
@@ -480,23 +607,51 @@ class MLP(nn.Module):
         self.down_proj = _dense(c, c.d_model, False)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = ACTIVATIONS[self.config.hidden_act]
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _pick(config: ModelConfig, pair: tuple, layer_idx: Optional[int], layer, differ: bool):
+    """pair = (input of full-attention layers, input of sliding layers): this layer's.
+
+    `layer_idx` is static (unrolled layers); else `layer` is the traced index in a scan, and when
+    the layer kinds are mixed the choice is a select on a per-layer flag (one compiled layer
+    still serves all). `differ` False: both entries are the same, no select needed."""
+    flags = config.sliding_layers()
+    if not differ or len(set(flags)) == 1:
+        return pair[1] if flags[0] and differ else pair[0]
+    if layer_idx is not None:
+        return pair[1] if flags[layer_idx] else pair[0]
+    sliding = jnp.asarray(flags)[layer]
+    return jax.tree.map(lambda full, local: jnp.where(sliding, local, full), *pair)
 
 
 class DecoderLayer(nn.Module):
+    """One block. `rope` and `visible` are (full-attention, sliding) pairs; the layer takes the
+    one of its kind (layer_idx, or the scan's traced layer index)."""
+
     config: ModelConfig
+    layer_idx: Optional[int] = None
 
     def setup(self):
         c = self.config
-        norm = lambda: RMSNorm(c.rms_eps, c.compute_dtype, c.storage_dtype)  # noqa: E731
-        self.input_layernorm = norm()
+        self.input_layernorm = _norm(c)
         self.self_attn = Attention(c)
-        self.post_attention_layernorm = norm()
+        self.post_attention_layernorm = _norm(c)
+        if c.sandwich_norms:
+            self.pre_feedforward_layernorm = _norm(c)
+            self.post_feedforward_layernorm = _norm(c)
         self.mlp = MLP(c)
 
     def __call__(self, x, rope, visible, layer_cache=None, index=None, layer=None):
+        c = self.config
+        rope = _pick(c, rope, self.layer_idx, layer, c.rope_local_theta is not None)
+        visible = _pick(c, visible, self.layer_idx, layer, c.sliding_window is not None)
         h, layer_cache = self.self_attn(self.input_layernorm(x), rope, visible, layer_cache, index,
                                         layer)
+        if c.sandwich_norms:  # Gemma 2/3: norms before and after both attention and MLP
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), layer_cache
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, layer_cache
@@ -522,7 +677,7 @@ def _layers(config: ModelConfig):
     policy = REMAT_POLICIES[config.remat]
     if not config.scan_layers:
         cls = DecoderLayer if config.remat == "none" else nn.remat(DecoderLayer, policy=policy)
-        return [cls(config) for _ in range(config.n_layers)]  # named layers_0, layers_1, ...
+        return [cls(config, layer_idx=i) for i in range(config.n_layers)]  # layers_0, layers_1, ...
     cls = _ScanLayer
     if config.remat != "none":
         # prevent_cse=False: inside a scan CSE cannot merge the recomputation with the forward
@@ -544,7 +699,31 @@ class Decoder(nn.Module):
                                      param_dtype=c.storage_dtype,
                                      embedding_init=nn.initializers.normal(c.init_std))
         self.layers = _layers(c)
-        self.norm = RMSNorm(c.rms_eps, c.compute_dtype, c.storage_dtype)
+        self.norm = _norm(c)
+
+    def _embed(self, tokens: Array) -> Array:
+        """Token embeddings [B, T, D]; times sqrt(d_model) rounded to the compute dtype when
+        config.embed_scale (Gemma: HF multiplies by the scale cast to the weights' dtype)."""
+        x = self.embed_tokens(tokens)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(math.sqrt(self.config.d_model), jnp.float32).astype(x.dtype)
+        return x
+
+    def _ropes(self, positions: Array) -> tuple:
+        """(cos, sin) tables of full-attention and of sliding layers (equal objects unless
+        config.rope_local_theta gives the sliding layers their own base)."""
+        c = self.config
+        full = rope_tables(positions, rope_inv_freq(c))
+        return full, (full if c.rope_local_theta is None else rope_tables(positions, rope_inv_freq(c, True)))
+
+    def _visibles(self, visible: Array, q_slots: Array, k_slots: Array) -> tuple:
+        """(mask of full-attention layers, mask of sliding layers) [B, T, S] from the causal-and-
+        not-pad mask: a sliding layer also hides keys at slots <= q_slot - sliding_window."""
+        w = self.config.sliding_window
+        if w is None:
+            return visible, visible
+        near = k_slots[None, :] > q_slots[:, None] - w
+        return visible, visible & near[None]
 
     def _run_layers(self, x, rope, visible, kv=None, index=None):
         """All layers; kv = (k, v) as KVCache holds them, or None. Returns (x, new kv)."""
@@ -569,9 +748,9 @@ class Decoder(nn.Module):
             raise ValueError(f"a sequence of {T} tokens exceeds the model's max_seq_len "
                              f"{self.config.max_seq_len}")
         causal = jnp.tril(jnp.ones((T, T), bool))
-        visible = causal[None] & mask[:, None, :]
-        rope = rope_tables(positions_from_mask(mask), rope_inv_freq(self.config))
-        x, _ = self._run_layers(self.embed_tokens(tokens), rope, visible)
+        slots = jnp.arange(T, dtype=jnp.int32)
+        visible = self._visibles(causal[None] & mask[:, None, :], slots, slots)
+        x, _ = self._run_layers(self._embed(tokens), self._ropes(positions_from_mask(mask)), visible)
         return self.norm(x)
 
     def extend(self, tokens: Array, mask: Array, cache: KVCache):
@@ -592,9 +771,10 @@ class Decoder(nn.Module):
         # moves padded queries; real tokens get next_position + (their rank in the chunk).
         slot_mask = lax.dynamic_update_slice(cache.mask, mask, (0, index))
         q_slots = index + jnp.arange(T, dtype=jnp.int32)
-        visible = (jnp.arange(S, dtype=jnp.int32)[None, :] <= q_slots[:, None])[None] & slot_mask[:, None, :]
-        rope = rope_tables(positions, rope_inv_freq(self.config))
-        x, (new_k, new_v) = self._run_layers(self.embed_tokens(tokens), rope, visible,
+        k_slots = jnp.arange(S, dtype=jnp.int32)
+        visible = (k_slots[None, :] <= q_slots[:, None])[None] & slot_mask[:, None, :]
+        visible = self._visibles(visible, q_slots, k_slots)
+        x, (new_k, new_v) = self._run_layers(self._embed(tokens), self._ropes(positions), visible,
                                              (cache.k, cache.v), index)
         cache = KVCache(k=new_k, v=new_v, mask=slot_mask, index=index + T,
                         next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32))
@@ -636,7 +816,7 @@ class Transformer(nn.Module):
             logits = jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(h)
-        return suppress(logits, c)
+        return suppress(softcap(logits, c.final_softcap), c)
 
     def __call__(self, tokens: Array, mask: Array) -> Array:
         """tokens int32 [B, T], mask [B, T] -> logits [B, T, V] float32."""
