@@ -87,6 +87,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from xpo_jax.parallel import pin_batch, pin_columns, pin_heads
+
 Array = jax.Array
 
 
@@ -323,10 +325,11 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
                          f"{config.max_seq_len}")
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
     shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+    # pin_heads: split by rows and KV heads where a traced region's layout says (parallel.py).
     if config.scan_layers:
-        zeros = lambda: jnp.zeros((config.n_layers,) + shape, dtype)  # noqa: E731
+        zeros = lambda: pin_heads(jnp.zeros((config.n_layers,) + shape, dtype), stacked=True)  # noqa: E731
     else:
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+        zeros = lambda: tuple(pin_heads(jnp.zeros(shape, dtype)) for _ in range(config.n_layers))  # noqa: E731
     return KVCache(k=zeros(), v=zeros(), mask=jnp.zeros((batch_size, max_len), bool),
                    index=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
 
@@ -442,29 +445,32 @@ class Attention(nn.Module):
         c = self.config
         B, T, _ = x.shape
         G = c.n_heads // c.n_kv_heads
-        q = self.q_proj(x).reshape(B, T, c.n_kv_heads, G, c.head_dim)
-        k = self.k_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
-        q = apply_rope(q, *rope).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
-        k = apply_rope(k, *rope).transpose(0, 2, 1, 3)     # [B, Hkv, T, Dh]
-        v = v.transpose(0, 2, 1, 3)
+        # pin_columns: decoding keeps the column-parallel outputs split as the weights are.
+        q = pin_columns(self.q_proj(x)).reshape(B, T, c.n_kv_heads, G, c.head_dim)
+        k = pin_columns(self.k_proj(x)).reshape(B, T, c.n_kv_heads, c.head_dim)
+        v = pin_columns(self.v_proj(x)).reshape(B, T, c.n_kv_heads, c.head_dim)
+        # The attention runs split by rows and KV heads, as its cache (pin_heads: a no-op unless
+        # a traced region's layout says otherwise).
+        q = pin_heads(apply_rope(q, *rope).transpose(0, 2, 3, 1, 4))  # [B, Hkv, G, T, Dh]
+        k = pin_heads(apply_rope(k, *rope).transpose(0, 2, 1, 3))     # [B, Hkv, T, Dh]
+        v = pin_heads(v.transpose(0, 2, 1, 3))
         if layer_cache is not None and layer is None:
             ck, cv = layer_cache
             start = (0, 0, index, 0)
-            ck = lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            cv = lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            ck = pin_heads(lax.dynamic_update_slice(ck, k.astype(ck.dtype), start))
+            cv = pin_heads(lax.dynamic_update_slice(cv, v.astype(cv.dtype), start))
             layer_cache = (ck, cv)
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
         elif layer_cache is not None:
             ck, cv = layer_cache
             start = (layer, 0, 0, index, 0)
-            ck = lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
-            cv = lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+            ck = pin_heads(lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start), stacked=True)
+            cv = pin_heads(lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start), stacked=True)
             layer_cache = (ck, cv)
             k = lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
             v = lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
         out = _attend(q, k, v, visible)  # [B, Hkv, G, T, Dh]
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim)
+        out = pin_columns(out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim))
         return self.o_proj(out), layer_cache
 
 
@@ -480,7 +486,7 @@ class MLP(nn.Module):
         self.down_proj = _dense(c, c.d_model, False)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(nn.silu(pin_columns(self.gate_proj(x))) * pin_columns(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -495,11 +501,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(c)
 
     def __call__(self, x, rope, visible, layer_cache=None, index=None, layer=None):
+        # Block boundaries pinned by rows (pin_batch: the traced region's batch axes, if any), so
+        # XLA gathers weights rather than all-reducing full-batch partial sums.
+        x = pin_batch(x)
         h, layer_cache = self.self_attn(self.input_layernorm(x), rope, visible, layer_cache, index,
                                         layer)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, layer_cache
+        return pin_batch(x), layer_cache
 
 
 class _ScanLayer(DecoderLayer):
@@ -563,7 +572,7 @@ class Decoder(nn.Module):
         """Full causal forward. tokens, mask [B, T] -> hidden [B, T, D].
 
         Raises ValueError when T > max_seq_len (shapes are static: a trace-time check)."""
-        mask = mask.astype(bool)
+        tokens, mask = pin_batch(tokens), pin_batch(mask.astype(bool))
         T = tokens.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"a sequence of {T} tokens exceeds the model's max_seq_len "
@@ -581,7 +590,7 @@ class Decoder(nn.Module):
         traced, so only T <= S is checked here, and `dynamic_update_slice` would clamp a write
         past the end onto the last T slots.
         """
-        mask = mask.astype(bool)
+        tokens, mask = pin_batch(tokens), pin_batch(mask.astype(bool))
         B, T = tokens.shape
         S = cache.mask.shape[1]
         if T > S:
