@@ -164,7 +164,9 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = FSDP_MIN_SIZ
 # A context variable rather than an argument: the model's modules are built by the tasks and
 # the HF loaders, which know nothing of meshes, and it is read only while tracing.
 ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("xpo_jax_activations", default=None)
-TRAIN, DECODE = "train", "decode"
+# TRAIN: full-sequence forwards and the backward; DECODE: the sampler's steps; PREFILL: the
+# sampler's prompt pass (rows split as TRAIN, its last position's logits as DECODE's).
+TRAIN, DECODE, PREFILL = "train", "decode", "prefill"
 
 
 def _axes_dividing(layout: "Layout", axes: Sequence[str], size: int):
@@ -187,7 +189,7 @@ def pin_batch(x: Array) -> Array:
     if active is None:
         return x
     layout, mode = active
-    rows = _axes_dividing(layout, BATCH_AXES if mode == TRAIN else (DATA,), x.shape[0])
+    rows = _axes_dividing(layout, (DATA,) if mode == DECODE else BATCH_AXES, x.shape[0])
     spec = P(rows, *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
 
@@ -200,13 +202,16 @@ def model_axes(layout: "Layout", size: int):
     return next((ax for ax in (_axes_dividing(layout, o, size) for o in options) if ax), None)
 
 
-def pin_columns(x: Array) -> Array:
+def pin_columns(x: Array, logits: bool = False) -> Array:
     """Decoding only: `x` [B, ..., F] (a column-parallel layer's output: q / k / v, gate / up, and
     the attention's output entering o_proj) split over the model axes on its last dimension, as
     the weights of the decode layout leave it, rows over data. Without it XLA may split the rows
-    instead, and gather the weight to do so. Identity elsewhere."""
+    instead, and gather the weight to do so. `logits`: the LM head's output [.., V], split by
+    vocabulary in PREFILL too (else XLA gathers the whole head to give each device its rows'
+    logits; the sampler then moves the [B, V] logits to rows with an all-to-all). Identity
+    elsewhere."""
     active = ACTIVATIONS.get()
-    if active is None or active[1] != DECODE:
+    if active is None or active[1] not in ((DECODE, PREFILL) if logits else (DECODE,)):
         return x
     layout = active[0]
     spec = P(_axes_dividing(layout, (DATA,), x.shape[0]), *([None] * (x.ndim - 2)), model_axes(layout, x.shape[-1]))
@@ -350,8 +355,8 @@ class Layout:
     def activations(self, mode: str):
         """While tracing inside it, `pin_batch` / `pin_heads` constrain the model's activations for
         `mode` (TRAIN or DECODE) on this layout. A no-op on one device."""
-        if mode not in (TRAIN, DECODE):
-            raise ValueError(f"Layout.activations: mode must be {TRAIN!r} or {DECODE!r}, got {mode!r}")
+        if mode not in (TRAIN, DECODE, PREFILL):
+            raise ValueError(f"Layout.activations: mode must be {TRAIN!r}, {DECODE!r} or {PREFILL!r}, got {mode!r}")
         token = ACTIVATIONS.set(None if self.mesh.size == 1 else (self, mode))
         try:
             yield self

@@ -30,6 +30,7 @@ copies the whole cache into it to change one slot.)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -39,7 +40,7 @@ import numpy as np
 from jax import lax
 
 from xpo_jax.models.transformer import ModelConfig
-from xpo_jax.parallel import DECODE, pin_rows
+from xpo_jax.parallel import DECODE, PREFILL, pin_rows
 
 Array = jax.Array
 
@@ -182,21 +183,25 @@ def _sample_jit(apply_fn, params, prompts, prompt_mask, key, temperature, top_k,
                 max_new_tokens, eos_id, pad_id, min_new_tokens, layout=None):
     if layout is None:
         return _sample_body(apply_fn, params, prompts, prompt_mask, key, temperature, top_k, top_p,
-                            max_new_tokens, eos_id, pad_id, min_new_tokens)
+                            max_new_tokens, eos_id, pad_id, min_new_tokens, contextlib.nullcontext)
     # The layout is a static argument, so a program traced with it is never reused without it.
+    # The prefill runs with its [B, P, D] activations split by rows (PREFILL: whole-batch prompt
+    # activations on every model-parallel device cost 4 GiB more at the 8B x 64 plan row), the
+    # decode steps in the decode layout (DECODE: a step's [B, D] rows whole, weights not moved).
     with layout.activations(DECODE):
         return _sample_body(apply_fn, params, prompts, prompt_mask, key, temperature, top_k, top_p,
-                            max_new_tokens, eos_id, pad_id, min_new_tokens)
+                            max_new_tokens, eos_id, pad_id, min_new_tokens, lambda: layout.activations(PREFILL))
 
 
 def _sample_body(apply_fn, params, prompts, prompt_mask, key, temperature, top_k, top_p,
-                 max_new_tokens, eos_id, pad_id, min_new_tokens):
+                 max_new_tokens, eos_id, pad_id, min_new_tokens, prefill_region):
     B, P = prompts.shape
     N = max_new_tokens
     variables = {"params": params}
     # Slot P + N - 1 would only hold the last token, whose successor is never needed.
     cache = apply_fn(variables, B, P + N - 1, method="init_cache")
-    logits, cache = apply_fn(variables, prompts, prompt_mask, cache, method="prefill")
+    with prefill_region():
+        logits, cache = apply_fn(variables, prompts, prompt_mask, cache, method="prefill")
     logits = pin_rows(logits)  # decoding: each device draws its own rows' tokens
 
     # All the randomness, drawn once: one uniform per row and step. Keeping the PRNG out of the

@@ -645,7 +645,8 @@ class Transformer(nn.Module):
             logits = jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(h)
-        return suppress(logits, c)
+        # Sampling: split by vocabulary as the decode layout's head is (parallel.pin_columns).
+        return suppress(pin_columns(logits, logits=True), c)
 
     def __call__(self, tokens: Array, mask: Array) -> Array:
         """tokens int32 [B, T], mask [B, T] -> logits [B, T, V] float32."""
