@@ -469,7 +469,8 @@ class Attention(nn.Module):
             layer_cache = (ck, cv)
             k = lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
             v = lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
-        out = _attend(q, k, v, visible)  # [B, Hkv, G, T, Dh]
+        # Pinned too: else XLA may compute it whole-batch in o_proj's layout, gathering the cache.
+        out = pin_heads(_attend(q, k, v, visible))  # [B, Hkv, G, T, Dh]
         out = pin_columns(out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim))
         return self.o_proj(out), layer_cache
 
