@@ -144,8 +144,9 @@ def lower_round(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, c
     model, rm = Transformer(pol), RewardModel(rm_cfg)
     tx, schedule = make_optimizer(cfg)
     eos_id, pad_id = 1, 0
+    layout = par.Layout(mesh)
     fns = make_round(cfg, apply_fn=model.apply, eos_id=eos_id, pad_id=pad_id, max_new_tokens=new_tokens,
-                     lr_schedule=schedule)
+                     lr_schedule=schedule, layout=layout)
 
     key0 = jax.random.PRNGKey(0)
     ref_shapes = jax.eval_shape(lambda k: init_params(pol, k), key0)  # stored in ref_dtype
@@ -155,7 +156,6 @@ def lower_round(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, c
                                                    hparams=hparams, prompt_len=prompt_len, max_new_tokens=new_tokens,
                                                    param_dtype=param_dtype)
     state_shapes = jax.eval_shape(init, key0, hp, ref_shapes)
-    layout = par.Layout(mesh)
     st = layout.state(state_shapes)
     state = layout.abstract_state(state_shapes)
     rm_sh = layout.params(rm_shapes)

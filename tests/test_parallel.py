@@ -15,6 +15,7 @@ run sampled, and (b) its full round at temperature 0 (greedy sampling, no noise)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -65,11 +66,16 @@ def setup():
     return dict(cfg=cfg, run=run, key=key, state0=run.init_state(key, run.hparams()))
 
 
-def train_on(setup, mesh, run_dir, name="p", **overrides):
+def train_on(setup, mesh, run_dir, name="p", decode_layout=False, **overrides):
+    """`decode_layout`: the shared run's round rebuilt for the mesh's layout (decode layout and
+    activation pins, as `build_run(cfg, layout)` makes it)."""
     import dataclasses
 
     cfg = dataclasses.replace(setup["cfg"], run_dir=str(run_dir), name=name, **overrides)
-    t = Trainer(cfg, mesh=mesh, run=setup["run"] if not overrides else None)
+    run = setup["run"] if not overrides else None
+    if run is not None and decode_layout:
+        run = dataclasses.replace(run, layout=Layout(mesh))
+    t = Trainer(cfg, mesh=mesh, run=run)
     t.run()
     return t, rows_of(os.path.join(run_dir, name))
 
@@ -133,6 +139,33 @@ def test_parameter_rules_fsdp_and_tensor():
     assert spec(lay, "model/layers_0/input_layernorm/scale", (32,)) == P()
     assert spec(lay, "model/layers_0/self_attn/k_proj/kernel", (32, 3)) == P()  # 3 columns: not split by 2
     assert spec(lay, "score/kernel", (32, 1)) == P()
+
+
+def test_decode_layout_rules():
+    """The decode layout: Megatron over fsdp x tensor together where the product divides, else
+    the larger single axis that does, else replicated; never over data; cast before the move."""
+    P = jax.sharding.PartitionSpec
+    dspec = lambda lay, path, shape: lay.decode_spec(tuple(jax.tree_util.DictKey(k) for k in path.split("/")), shape)
+    lay = Layout(par.make_mesh(2, 2, 2))
+    both = ("fsdp", "tensor")
+    assert dspec(lay, "model/layers/self_attn/q_proj/kernel", (2, 32, 64)) == P(None, None, both)  # columns
+    assert dspec(lay, "model/layers/self_attn/o_proj/kernel", (2, 64, 32)) == P(None, both)  # rows
+    assert dspec(lay, "model/layers_0/mlp/down_proj/kernel", (128, 32)) == P(both)
+    assert dspec(lay, "model/embed_tokens/embedding", (64, 32)) == P(both)
+    assert dspec(lay, "model/layers_0/self_attn/k_proj/kernel", (32, 6)) == P(None, "fsdp")  # 6: by 2, not 4
+    assert dspec(lay, "model/layers_0/self_attn/k_proj/kernel", (32, 3)) == P()
+    assert dspec(lay, "model/layers_0/self_attn/q_proj/bias", (64,)) == P()
+    assert dspec(lay, "score/kernel", (32, 1)) == P()
+    wide = Layout(par.make_mesh(1, 2, 4))  # tensor 4 is the larger single axis
+    assert dspec(wide, "lm_head/kernel", (32, 12)) == P(None, "tensor")
+    assert dspec(wide, "lm_head/kernel", (32, 16)) == P(None, both)
+    one = Layout.of(None)
+    params = {"lm_head": {"kernel": jnp.ones((4, 6), jnp.float32)}, "ids": jnp.arange(3)}
+    out = one.decode_params(params, jnp.bfloat16)
+    assert out["lm_head"]["kernel"].dtype == jnp.bfloat16 and out["ids"].dtype == params["ids"].dtype
+    with pytest.raises(ValueError, match="mode must be"):
+        with lay.activations("sampling"):
+            pass
 
 
 def test_state_shardings_follow_params(setup):
@@ -224,9 +257,10 @@ def test_trainer_on_4x2_mesh_matches_one_device(setup, one_device, tmp_path):
 
 
 def test_trainer_on_2x2x2_mesh_with_tensor_matches_one_device(setup, one_device, tmp_path):
-    """data 2 x fsdp 2 x tensor 2: Megatron splits over "tensor" change nothing but where the
-    arithmetic runs: the same metrics and parameters as one device."""
-    t, rows = train_on(setup, par.make_mesh(2, 2, 2), tmp_path)
+    """data 2 x fsdp 2 x tensor 2: Megatron splits over "tensor", the decode layout and the
+    activations pinned by rows change nothing but where the arithmetic runs: the same metrics
+    and parameters as one device."""
+    t, rows = train_on(setup, par.make_mesh(2, 2, 2), tmp_path, decode_layout=True)
     assert_same_metrics(rows, one_device["rows"])
     assert max_diff(t.state.params, one_device["trainer"].state.params) <= PARAM_ATOL
     kernel = t.state.params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
@@ -273,10 +307,13 @@ def test_sharded_sampling_draws_the_one_device_tokens(setup):
     run = setup["run"]
     prompts, mask = jax.device_get(run.prompts.batch(run.data_key(setup["key"]), 0))
     tokens = []
-    for mesh in (par.make_mesh(1, 1, devices=jax.devices()[:1]), par.make_mesh(4, 2), par.make_mesh(2, 2, 2)):
+    meshes = (par.make_mesh(1, 1, devices=jax.devices()[:1]), par.make_mesh(4, 2), par.make_mesh(2, 2, 2),
+              par.make_mesh(1, 2, 4))  # the last two in the decode layout (tensor 4 > the 2 KV heads)
+    for i, mesh in enumerate(meshes):
         layout = Layout(mesh)
         st, bs = layout.state(run.state_shapes()), layout.batch
-        f = jax.jit(run.fns.make_pairs, in_shardings=(st, bs, bs))
+        fns = run.fns if i < 2 else dataclasses.replace(run, layout=layout).fns
+        f = jax.jit(fns.make_pairs, in_shardings=(st, bs, bs))
         _, pairs = f(layout.place(setup["state0"], st), *layout.shard_batch(prompts, mask))
         tokens.append((np.asarray(pairs.y.tokens), np.asarray(pairs.yt.tokens)))
     for other in tokens[1:]:

@@ -20,6 +20,13 @@ imports nothing of xpo_jax (multi-host plumbing is `xpo_jax.distributed`).
                 `shard_batch` assembles the global array with
                 `jax.make_array_from_process_local_data`.
     the rest  : (rng, round counter, hyperparameters, replay buffer) replicated.
+    decoding  : `decode_params` casts the weights to the compute dtype, then reshards them once
+                per round into the decode layout (`decode_spec`: Megatron over the model axes
+                fsdp x tensor together, replicated over data) so that the sampler's loops move
+                only activations. Inside the model, `pin_batch` / `pin_heads` keep activations
+                split by batch (training: rows over data x fsdp; decoding: hidden states over
+                data only, the attention and its KV cache over data x fsdp by rows and "tensor"
+                by KV heads), set for a traced region by `with layout.activations(mode)`.
 
 The round itself is unchanged: jitted with these in/out shardings, gradients of a batch-sharded
 loss come out as XLA collectives and sharded weights are gathered where they are used. With JAX's
@@ -29,10 +36,13 @@ one-device round samples.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -146,6 +156,96 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = FSDP_MIN_SIZ
 
 
 # ----------------------------------------------------------------------------------------------
+# Activation layout of the region being traced
+# ----------------------------------------------------------------------------------------------
+
+# (layout, mode) while a region is traced under `Layout.activations(mode)`; None elsewhere (one
+# device, a sweep's vmap, tests calling the model directly): then the pins below are identities.
+# A context variable rather than an argument: the model's modules are built by the tasks and
+# the HF loaders, which know nothing of meshes, and it is read only while tracing.
+ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("xpo_jax_activations", default=None)
+# TRAIN: full-sequence forwards and the backward; DECODE: the sampler's steps; PREFILL: the
+# sampler's prompt pass (rows split as TRAIN, its last position's logits as DECODE's).
+TRAIN, DECODE, PREFILL = "train", "decode", "prefill"
+
+
+def _axes_dividing(layout: "Layout", axes: Sequence[str], size: int):
+    """The axes of `axes` (present in the mesh, size > 1) as a spec entry, or None when they are
+    none or their product does not divide `size`."""
+    axes = tuple(a for a in axes if a in layout.mesh.axis_names and layout.mesh.shape[a] > 1)
+    n = math.prod(layout.mesh.shape[a] for a in axes)
+    if not axes or size % n:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def pin_batch(x: Array) -> Array:
+    """`x` [B, ...] (hidden states [B, T, D], token ids and masks [B, T]) constrained by rows to
+    the traced region's batch axes: data x fsdp when training (FSDP then gathers weights and
+    reduce-scatters gradients instead of all-reducing full-batch partial sums), data only when
+    decoding (the weights are split over fsdp x tensor, so the rows are whole there). Identity
+    outside a `Layout.activations` region or when the rows do not divide."""
+    active = ACTIVATIONS.get()
+    if active is None:
+        return x
+    layout, mode = active
+    rows = _axes_dividing(layout, (DATA,) if mode == DECODE else BATCH_AXES, x.shape[0])
+    spec = P(rows, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
+
+
+def model_axes(layout: "Layout", size: int):
+    """The model-parallel axes that split a dimension of `size` in the decode layout: fsdp x
+    tensor together when their product divides it, else the larger single one that does, else
+    None (replicated)."""
+    options = [(FSDP, TENSOR)] + sorted([(FSDP,), (TENSOR,)], key=lambda a: -layout.shape[a[0]])
+    return next((ax for ax in (_axes_dividing(layout, o, size) for o in options) if ax), None)
+
+
+def pin_columns(x: Array, logits: bool = False) -> Array:
+    """Decoding only: `x` [B, ..., F] (a column-parallel layer's output: q / k / v, gate / up, and
+    the attention's output entering o_proj) split over the model axes on its last dimension, as
+    the weights of the decode layout leave it, rows over data. Without it XLA may split the rows
+    instead, and gather the weight to do so. `logits`: the LM head's output [.., V], split by
+    vocabulary in PREFILL too (else XLA gathers the whole head to give each device its rows'
+    logits; the sampler then moves the [B, V] logits to rows with an all-to-all). Identity
+    elsewhere."""
+    active = ACTIVATIONS.get()
+    if active is None or active[1] not in ((DECODE, PREFILL) if logits else (DECODE,)):
+        return x
+    layout = active[0]
+    spec = P(_axes_dividing(layout, (DATA,), x.shape[0]), *([None] * (x.ndim - 2)), model_axes(layout, x.shape[-1]))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
+
+
+def pin_rows(x: Array) -> Array:
+    """`x` [B, ...] split by rows over data x fsdp in any mode (the sampler's logits [B, V]: each
+    device draws the tokens of its own rows). Identity outside a `Layout.activations` region."""
+    active = ACTIVATIONS.get()
+    if active is None:
+        return x
+    layout, _ = active
+    spec = P(_axes_dividing(layout, BATCH_AXES, x.shape[0]), *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
+
+
+def pin_heads(x: Array, stacked: bool = False) -> Array:
+    """`x` [B, Hkv, ...] (the attention's q [B, Hkv, G, T, Dh], k / v and the KV cache [B, Hkv, S,
+    Dh]; with `stacked` a leading [n_layers] axis) split by rows over data x fsdp and by KV heads
+    over "tensor" (Megatron). KV heads that "tensor" does not divide (GQA with fewer KV heads
+    than tensor devices) stay replicated over it. Identity outside a `Layout.activations` region."""
+    active = ACTIVATIONS.get()
+    if active is None:
+        return x
+    layout, _ = active
+    lead = [None] if stacked else []
+    b, h = (1, 2) if stacked else (0, 1)
+    spec = lead + [_axes_dividing(layout, BATCH_AXES, x.shape[b]), _axes_dividing(layout, (TENSOR,), x.shape[h])]
+    spec += [None] * (x.ndim - len(spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, P(*spec)))
+
+
+# ----------------------------------------------------------------------------------------------
 # Layout
 # ----------------------------------------------------------------------------------------------
 
@@ -216,6 +316,52 @@ class Layout:
         checkpoint restore onto this mesh, nothing materialised."""
         return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                       shapes, self.state(shapes))
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def decode_spec(self, path: Sequence, shape: Sequence[int]) -> P:
+        """The PartitionSpec of a weight in the decode layout: the TENSOR_SPLITS dimension split
+        over fsdp x tensor together when their product divides it, else over the larger single
+        axis that does; everything else (norms, biases, a score head) replicated. Replicated
+        over data. Megatron over every model-parallel device: a decode step's matmuls need no
+        weight from another device, only activations cross (an all-reduce of [B, D] after each
+        row-split layer, the rows' reshuffles around the attention)."""
+        names = _names(path)
+        spec: list = [None] * len(shape)
+        for module, (leaf, dim) in TENSOR_SPLITS.items():
+            if len(names) >= 2 and names[-2] == module and names[-1] == leaf and len(shape) >= -dim:
+                d = len(shape) + dim
+                spec[d] = model_axes(self, shape[d])
+                break
+        while spec and spec[-1] is None:
+            spec.pop()
+        return P(*spec)
+
+    def decode_params(self, tree: Any, dtype: Any = None) -> Any:
+        """`tree` (parameters, inside a jitted program) in the decode layout: floating leaves
+        wider than `dtype` cast to it FIRST (a float32 master weight never crosses the
+        interconnect to be used in bfloat16), then constrained to `decode_spec`. On one device
+        only the cast."""
+        def one(path, x):
+            if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > jnp.dtype(dtype).itemsize:
+                x = x.astype(dtype)
+            if self.mesh.size == 1:
+                return x
+            return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.decode_spec(path, x.shape)))
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    @contextlib.contextmanager
+    def activations(self, mode: str):
+        """While tracing inside it, `pin_batch` / `pin_heads` constrain the model's activations for
+        `mode` (TRAIN or DECODE) on this layout. A no-op on one device."""
+        if mode not in (TRAIN, DECODE, PREFILL):
+            raise ValueError(f"Layout.activations: mode must be {TRAIN!r}, {DECODE!r} or {PREFILL!r}, got {mode!r}")
+        token = ACTIVATIONS.set(None if self.mesh.size == 1 else (self, mode))
+        try:
+            yield self
+        finally:
+            ACTIVATIONS.reset(token)
 
     # -- placement ----------------------------------------------------------------------------
 

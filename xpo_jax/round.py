@@ -14,7 +14,8 @@ tokenizer) runs between the jitted halves; the fused round is the same two halve
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ import optax
 from xpo_jax.logprobs import completion_logprobs, has_eos
 from xpo_jax.losses import xpo_loss
 from xpo_jax.pairs import LabelledPairs, Pairs, label
+from xpo_jax.parallel import TRAIN
 from xpo_jax.sampling import sample
 from xpo_jax.state import XPOState
 
@@ -94,9 +96,20 @@ def _weighted_mean(x: Array, w: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _pairs_fn(cfg: TrainConfig, apply_fn: Callable, eos_id: int, pad_id: int, n: int, min_new_tokens: int) -> Callable:
-    """make_pairs: y ~ pi_t and y~ ~ pi_ref (prob. lambda) or pi_t, by cfg's exploration path."""
+def compute_dtype(apply_fn: Callable) -> Any:
+    """The compute dtype of the module behind `apply_fn` (its `config.compute_dtype`), or None."""
+    config = getattr(getattr(apply_fn, "__self__", None), "config", None)
+    return getattr(config, "compute_dtype", None)
+
+
+def _pairs_fn(cfg: TrainConfig, apply_fn: Callable, eos_id: int, pad_id: int, n: int, min_new_tokens: int,
+              layout: Any = None) -> Callable:
+    """make_pairs: y ~ pi_t and y~ ~ pi_ref (prob. lambda) or pi_t, by cfg's exploration path.
+    With a `layout`, each model sampled is first cast to the compute dtype and moved once into
+    the decode layout (`Layout.decode_params`): the decode loops then move only activations."""
     path = exploration_sampling(cfg)
+    dtype = compute_dtype(apply_fn)
+    decoded = (lambda p: p) if layout is None else (lambda p: layout.decode_params(p, dtype))
 
     def make_pairs(state: XPOState, prompts: Array, prompt_mask: Array):
         # Five keys on every path, so the paths draw the same y (and, for lambda in {0, 1}, y~).
@@ -106,12 +119,12 @@ def _pairs_fn(cfg: TrainConfig, apply_fn: Callable, eos_id: int, pad_id: int, n:
         def draw(params, key):
             return sample(apply_fn, params, prompts, prompt_mask, key, max_new_tokens=n,
                           temperature=state.hparams.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos_id,
-                          pad_id=pad_id, min_new_tokens=min_new_tokens)
+                          pad_id=pad_id, min_new_tokens=min_new_tokens, layout=layout)
 
         def policy_pair():
             # Same parameters: one decode loop over both keys (N steps instead of 2N, each a
             # matmul over 2B rows).
-            out = jax.vmap(draw, in_axes=(None, 0))(state.params, jnp.stack([k_y, k_yt]))
+            out = jax.vmap(draw, in_axes=(None, 0))(decoded(state.params), jnp.stack([k_y, k_yt]))
             return tuple(jax.tree_util.tree_map(lambda a: a[i], out) for i in (0, 1))
 
         if path == "policy":
@@ -120,9 +133,15 @@ def _pairs_fn(cfg: TrainConfig, apply_fn: Callable, eos_id: int, pad_id: int, n:
             # Two loops. Stacking (policy, ref) and vmapping the sampler over them was measured
             # slower on CPU (0.55 s vs 2 x 0.16 s at bench-tiny B=8): batched dots with distinct
             # weights lower worse than two plain loops.
-            y, yt, from_ref = draw(state.params, k_y), draw(state.ref_params, k_yt), jnp.ones((B,), bool)
+            # One model in the decode layout at a time: y~'s copy is made from y's result on.
+            y = draw(decoded(state.params), k_y)
+            ref = state.ref_params
+            if layout is not None:  # (an optimisation barrier orders the reference's move after y)
+                ref, _ = jax.lax.optimization_barrier((ref, y.tokens))
+            ref = decoded(ref)
+            yt, from_ref = draw(ref, k_yt), jnp.ones((B,), bool)
         else:
-            (y, yt_policy), yt_ref = policy_pair(), draw(state.ref_params, k_yt)
+            (y, yt_policy), yt_ref = policy_pair(), draw(decoded(state.ref_params), k_yt)
             from_ref = jax.random.uniform(k_mix, (B,)) < state.hparams.exploration_mix
             pick = lambda a, b: jnp.where(from_ref.reshape((B,) + (1,) * (a.ndim - 1)), a, b)
             yt = jax.tree_util.tree_map(pick, yt_ref, yt_policy)
@@ -252,6 +271,7 @@ def make_round(
     optimal_reward_fn: Optional[Callable] = None,
     lr_schedule: Optional[Callable] = None,
     min_new_tokens: Optional[int] = None,
+    layout: Any = None,
 ) -> RoundFns:
     """Build the round's pure functions for `cfg` (static choices) and a policy `apply_fn`.
 
@@ -278,21 +298,36 @@ def make_round(
     the capacity); the loss metrics are then the first minibatch's, the objective/* metrics the
     fresh pairs'. Under `jit` with sharded arrays XLA inserts the collectives.
     `min_new_tokens` forbids EOS before that many tokens (benchmarks: every response full length).
+    `layout` (a `parallel.Layout`, or None for no constraints): the sampler runs in its decode
+    layout (weights cast to the compute dtype, then moved once per round and model; only
+    activations cross devices per token), the forwards and the backward with activations split
+    by rows (FSDP gathers weights, reduce-scatters gradients).
     """
     N = max_new_tokens
     logits_fn = completion_logits_fn(apply_fn, N)
     lr_schedule = lr_schedule or make_optimizer(cfg)[1]
     min_new = cfg.min_new_tokens if min_new_tokens is None else min_new_tokens
-    make_pairs = _pairs_fn(cfg, apply_fn, eos_id, pad_id, N, min_new)
+    make_pairs = _pairs_fn(cfg, apply_fn, eos_id, pad_id, N, min_new, layout)
     update = _update_fn(cfg, logits_fn, lr_schedule, eos_id,
                         lambda fresh: _task_metrics(fresh, true_reward_fn, optimal_reward_fn))
+    update = update if layout is None else _in_region(layout, update)
 
     def round_fn(state: XPOState, prompts: Array, prompt_mask: Array, oracle: Callable):
         # The oracle is an argument, not a closure: a reward model's parameters are its pytree
         # leaves, so under jit they are traced inputs (shardable) rather than baked-in constants.
         state, pairs = make_pairs(state, prompts, prompt_mask)
-        judgement = oracle(pairs.judge_key, pairs.prompts, pairs.prompt_mask, pairs.y.tokens, pairs.y.mask,
-                           pairs.yt.tokens, pairs.yt.mask)
+        with contextlib.nullcontext() if layout is None else layout.activations(TRAIN):
+            judgement = oracle(pairs.judge_key, pairs.prompts, pairs.prompt_mask, pairs.y.tokens, pairs.y.mask,
+                               pairs.yt.tokens, pairs.yt.mask)
         return update(state, label(pairs, judgement))
 
     return RoundFns(make_pairs, update, round_fn)
+
+
+def _in_region(layout: Any, fn: Callable) -> Callable:
+    """`fn` traced with the model's activations split by rows over data x fsdp (`Layout.activations`)."""
+    def wrapped(*args):
+        with layout.activations(TRAIN):
+            return fn(*args)
+
+    return wrapped

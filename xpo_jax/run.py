@@ -112,6 +112,7 @@ class Run:
     true_reward_fn: Optional[Callable] = None  # a task's reward: the `task/reward` metric
     optimal_reward_fn: Optional[Callable] = None  # a task's best reward per prompt: `explore/*`
     bonus_defaults: dict = dataclasses.field(default_factory=dict)
+    layout: Optional[Layout] = None  # the round's decode layout and activation pins (None: none)
     tx: Any = dataclasses.field(init=False)
     fns: RoundFns = dataclasses.field(init=False)
 
@@ -119,7 +120,7 @@ class Run:
         self.tx, schedule = make_optimizer(self.cfg)
         self.fns = make_round(self.cfg, apply_fn=self.apply_fn, eos_id=self.eos_id, pad_id=self.pad_id,
                               max_new_tokens=self.max_new_tokens, true_reward_fn=self.true_reward_fn,
-                              optimal_reward_fn=self.optimal_reward_fn, lr_schedule=schedule)
+                              optimal_reward_fn=self.optimal_reward_fn, lr_schedule=schedule, layout=self.layout)
 
     def with_config(self, cfg: TrainConfig) -> "Run":
         """This run's built pieces (reference, task, prompts, oracle) with the round of `cfg`,
@@ -167,11 +168,14 @@ def check_layout(cfg: TrainConfig, layout: Layout) -> None:
 def build_run(cfg: TrainConfig, layout: Any = None) -> Run:
     """The Run for `cfg`: a built-in or user task (`--task`), or HF checkpoints and a prompt
     file (`--policy`). HF checkpoints load straight into `layout`'s shardings (a Layout or a
-    Mesh; default one device)."""
+    Mesh; default one device); the round follows the layout (`make_round(layout=)`)."""
     cfg.validate()
     if cfg.policy is not None:
-        return _build_hf_run(cfg, Layout.of(layout))
-    return _build_task_run(cfg)
+        run = _build_hf_run(cfg, Layout.of(layout))
+    else:
+        run = _build_task_run(cfg)
+    # The round samples in the layout's decode layout and pins activations by rows.
+    return run if layout is None else dataclasses.replace(run, layout=Layout.of(layout))
 
 
 def _build_task_run(cfg: TrainConfig) -> Run:

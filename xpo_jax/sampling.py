@@ -30,6 +30,7 @@ copies the whole cache into it to change one slot.)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -39,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from xpo_jax.models.transformer import ModelConfig
+from xpo_jax.parallel import DECODE, PREFILL, pin_rows
 
 Array = jax.Array
 
@@ -176,15 +178,31 @@ class _LoopState(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens", "eos_id", "pad_id",
-                                             "min_new_tokens"))
+                                             "min_new_tokens", "layout"))
 def _sample_jit(apply_fn, params, prompts, prompt_mask, key, temperature, top_k, top_p, *,
-                max_new_tokens, eos_id, pad_id, min_new_tokens):
+                max_new_tokens, eos_id, pad_id, min_new_tokens, layout=None):
+    if layout is None:
+        return _sample_body(apply_fn, params, prompts, prompt_mask, key, temperature, top_k, top_p,
+                            max_new_tokens, eos_id, pad_id, min_new_tokens, contextlib.nullcontext)
+    # The layout is a static argument, so a program traced with it is never reused without it.
+    # The prefill runs with its [B, P, D] activations split by rows (PREFILL: whole-batch prompt
+    # activations on every model-parallel device cost 4 GiB more at the 8B x 64 plan row), the
+    # decode steps in the decode layout (DECODE: a step's [B, D] rows whole, weights not moved).
+    with layout.activations(DECODE):
+        return _sample_body(apply_fn, params, prompts, prompt_mask, key, temperature, top_k, top_p,
+                            max_new_tokens, eos_id, pad_id, min_new_tokens, lambda: layout.activations(PREFILL))
+
+
+def _sample_body(apply_fn, params, prompts, prompt_mask, key, temperature, top_k, top_p,
+                 max_new_tokens, eos_id, pad_id, min_new_tokens, prefill_region):
     B, P = prompts.shape
     N = max_new_tokens
     variables = {"params": params}
     # Slot P + N - 1 would only hold the last token, whose successor is never needed.
     cache = apply_fn(variables, B, P + N - 1, method="init_cache")
-    logits, cache = apply_fn(variables, prompts, prompt_mask, cache, method="prefill")
+    with prefill_region():
+        logits, cache = apply_fn(variables, prompts, prompt_mask, cache, method="prefill")
+    logits = pin_rows(logits)  # decoding: each device draws its own rows' tokens
 
     # All the randomness, drawn once: one uniform per row and step. Keeping the PRNG out of the
     # loop body saves its (on CPU, loop-implemented) threefry rounds at every step.
@@ -216,6 +234,7 @@ def _sample_jit(apply_fn, params, prompts, prompt_mask, key, temperature, top_k,
 
     def body(s: _LoopState):
         logits, cache = apply_fn(variables, s.last, s.cache, method="decode")
+        logits = pin_rows(logits)
         tok, lp, live, done = choose(s.step, logits, s.done)
         return _LoopState(step=s.step + 1, last=tok, done=done,
                           tokens=write(s.tokens, tok, s.step), mask=write(s.mask, live, s.step),
@@ -228,7 +247,7 @@ def _sample_jit(apply_fn, params, prompts, prompt_mask, key, temperature, top_k,
 
 def sample(apply_fn: Callable, params, prompts: Array, prompt_mask: Array, key: Array, *,
            max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0, eos_id: int, pad_id: int,
-           min_new_tokens: int = 0) -> Completions:
+           min_new_tokens: int = 0, layout: Any = None) -> Completions:
     """Sample up to `max_new_tokens` tokens per prompt.
 
     Args:
@@ -248,6 +267,9 @@ def sample(apply_fn: Callable, params, prompts: Array, prompt_mask: Array, key: 
       eos_id, pad_id: static ints in [0, vocab). EOS is kept in the response (mask 1); later
         positions are `pad_id` with mask 0.
       min_new_tokens: static; EOS cannot be chosen before this many tokens (HF semantics).
+      layout: a `parallel.Layout` (static): the model's activations follow its decode layout
+        (`Layout.activations(DECODE)`); pass the parameters already in it (`Layout.decode_params`,
+        once, before this call) so that the loop moves no weight. None: no constraints.
 
     Callable inside jit and vmap (e.g. over keys or temperatures); bad static or concrete
     arguments raise ValueError before anything is traced or compiled. The value checks (prompt
@@ -295,7 +317,7 @@ def sample(apply_fn: Callable, params, prompts: Array, prompt_mask: Array, key: 
 
     return _sample_jit(apply_fn, params, prompts.astype(jnp.int32), prompt_mask, key, temperature,
                        top_k, top_p, max_new_tokens=int(max_new_tokens), eos_id=int(eos_id),
-                       pad_id=int(pad_id), min_new_tokens=int(min_new_tokens))
+                       pad_id=int(pad_id), min_new_tokens=int(min_new_tokens), layout=layout)
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,6 +102,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from xpo_jax.parallel import pin_batch, pin_columns, pin_heads
+
 Array = jax.Array
 
 
@@ -419,10 +421,11 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
                          f"{config.max_seq_len}")
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
     shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+    # pin_heads: split by rows and KV heads where a traced region's layout says (parallel.py).
     if config.scan_layers:
-        zeros = lambda: jnp.zeros((config.n_layers,) + shape, dtype)  # noqa: E731
+        zeros = lambda: pin_heads(jnp.zeros((config.n_layers,) + shape, dtype), stacked=True)  # noqa: E731
     else:
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+        zeros = lambda: tuple(pin_heads(jnp.zeros(shape, dtype)) for _ in range(config.n_layers))  # noqa: E731
     return KVCache(k=zeros(), v=zeros(), mask=jnp.zeros((batch_size, max_len), bool),
                    index=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
 
@@ -566,31 +569,35 @@ class Attention(nn.Module):
         c = self.config
         B, T, _ = x.shape
         G = c.n_heads // c.n_kv_heads
-        q = self.q_proj(x).reshape(B, T, c.n_kv_heads, G, c.head_dim)
-        k = self.k_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim)
+        # pin_columns: decoding keeps the column-parallel outputs split as the weights are.
+        q = pin_columns(self.q_proj(x)).reshape(B, T, c.n_kv_heads, G, c.head_dim)
+        k = pin_columns(self.k_proj(x)).reshape(B, T, c.n_kv_heads, c.head_dim)
+        v = pin_columns(self.v_proj(x)).reshape(B, T, c.n_kv_heads, c.head_dim)
         if c.qk_norm:  # per head, over head_dim, before RoPE (Gemma 3)
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, *rope).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
-        k = apply_rope(k, *rope).transpose(0, 2, 1, 3)     # [B, Hkv, T, Dh]
-        v = v.transpose(0, 2, 1, 3)
+        # The attention runs split by rows and KV heads, as its cache (pin_heads: a no-op unless
+        # a traced region's layout says otherwise).
+        q = pin_heads(apply_rope(q, *rope).transpose(0, 2, 3, 1, 4))  # [B, Hkv, G, T, Dh]
+        k = pin_heads(apply_rope(k, *rope).transpose(0, 2, 1, 3))     # [B, Hkv, T, Dh]
+        v = pin_heads(v.transpose(0, 2, 1, 3))
         if layer_cache is not None and layer is None:
             ck, cv = layer_cache
             start = (0, 0, index, 0)
-            ck = lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            cv = lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            ck = pin_heads(lax.dynamic_update_slice(ck, k.astype(ck.dtype), start))
+            cv = pin_heads(lax.dynamic_update_slice(cv, v.astype(cv.dtype), start))
             layer_cache = (ck, cv)
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
         elif layer_cache is not None:
             ck, cv = layer_cache
             start = (layer, 0, 0, index, 0)
-            ck = lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
-            cv = lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+            ck = pin_heads(lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start), stacked=True)
+            cv = pin_heads(lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start), stacked=True)
             layer_cache = (ck, cv)
             k = lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
             v = lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
-        out = _attend(q, k, v, visible, c)  # [B, Hkv, G, T, Dh]
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim)
+        # Pinned too: else XLA may compute it whole-batch in o_proj's layout, gathering the cache.
+        out = pin_heads(_attend(q, k, v, visible, c))  # [B, Hkv, G, T, Dh]
+        out = pin_columns(out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads * c.head_dim))
         return self.o_proj(out), layer_cache
 
 
@@ -608,7 +615,7 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         act = ACTIVATIONS[self.config.hidden_act]
-        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(act(pin_columns(self.gate_proj(x))) * pin_columns(self.up_proj(x)))
 
 
 def _pick(config: ModelConfig, pair: tuple, layer_idx: Optional[int], layer, differ: bool):
@@ -647,14 +654,17 @@ class DecoderLayer(nn.Module):
         c = self.config
         rope = _pick(c, rope, self.layer_idx, layer, c.rope_local_theta is not None)
         visible = _pick(c, visible, self.layer_idx, layer, c.sliding_window is not None)
+        # Block boundaries pinned by rows (pin_batch: the traced region's batch axes, if any), so
+        # XLA gathers weights rather than all-reducing full-batch partial sums.
+        x = pin_batch(x)
         h, layer_cache = self.self_attn(self.input_layernorm(x), rope, visible, layer_cache, index,
                                         layer)
         if c.sandwich_norms:  # Gemma 2/3: norms before and after both attention and MLP
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), layer_cache
+            x = pin_batch(x + self.post_attention_layernorm(h))
+            return pin_batch(x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))), layer_cache
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, layer_cache
+        return pin_batch(x), layer_cache
 
 
 class _ScanLayer(DecoderLayer):
@@ -742,7 +752,7 @@ class Decoder(nn.Module):
         """Full causal forward. tokens, mask [B, T] -> hidden [B, T, D].
 
         Raises ValueError when T > max_seq_len (shapes are static: a trace-time check)."""
-        mask = mask.astype(bool)
+        tokens, mask = pin_batch(tokens), pin_batch(mask.astype(bool))
         T = tokens.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"a sequence of {T} tokens exceeds the model's max_seq_len "
@@ -760,7 +770,7 @@ class Decoder(nn.Module):
         traced, so only T <= S is checked here, and `dynamic_update_slice` would clamp a write
         past the end onto the last T slots.
         """
-        mask = mask.astype(bool)
+        tokens, mask = pin_batch(tokens), pin_batch(mask.astype(bool))
         B, T = tokens.shape
         S = cache.mask.shape[1]
         if T > S:
@@ -816,7 +826,8 @@ class Transformer(nn.Module):
             logits = jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(h)
-        return suppress(softcap(logits, c.final_softcap), c)
+        # Sampling: split by vocabulary as the decode layout's head is (parallel.pin_columns).
+        return suppress(pin_columns(softcap(logits, c.final_softcap), logits=True), c)
 
     def __call__(self, tokens: Array, mask: Array) -> Array:
         """tokens int32 [B, T], mask [B, T] -> logits [B, T, V] float32."""
