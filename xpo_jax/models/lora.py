@@ -113,23 +113,28 @@ def init_adapters(base: Any, rank: int, targets: str, key: Array, dtype: Any = j
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def attach(base: dict, extra: dict) -> dict:
+    """`base` with the leaves of `extra` (adapters) added at their paths; base arrays shared."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) else v
+        out[k] = attach(base[k], v) if isinstance(v, dict) else v
     return out
+
+
+def scaled(adapters: Any, scale: float) -> Any:
+    """`adapters` with every lora_b times `scale` (alpha / r)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x * jnp.asarray(scale, x.dtype) if _path_str(p).endswith(LORA_B) else x, adapters)
 
 
 def with_adapters(base: Any, adapters: Any, scale: float) -> dict:
     """The policy's parameter tree: `base` plus `adapters` beside their kernels, lora_b times
     `scale` (alpha / r). Differentiable in the adapters; the base's arrays are shared, not copied."""
-    scaled = jax.tree_util.tree_map_with_path(
-        lambda p, x: x * jnp.asarray(scale, x.dtype) if _path_str(p).endswith(LORA_B) else x, adapters)
-    return _merge(base, scaled)
+    return attach(base, scaled(adapters, scale))
 
 
 def split_adapters(params: Any) -> tuple[dict, dict]:
-    """(base, adapters) of a tree that holds both (the inverse of `_merge`, scale untouched)."""
+    """(base, adapters) of a tree that holds both (the inverse of `attach`, scale untouched)."""
     base, adapters = {}, {}
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = _path_str(path).split("/")
