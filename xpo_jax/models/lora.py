@@ -169,6 +169,11 @@ def base_fingerprint(base: Any) -> str:
     return digest.hexdigest()
 
 
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every array leaf of `tree` (shapes and dtypes only; ShapeDtypeStructs too)."""
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
 def lora_scale(alpha: float, rank: int) -> float:
     """alpha / r (Hu et al.): the adapter's output scale."""
     return float(alpha) / int(rank)
