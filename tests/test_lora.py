@@ -84,7 +84,7 @@ def test_policy_at_round_0_is_the_reference_and_ref_logprobs_are_the_base(run):
     """Round 0: lora_b = 0, so the policy's logits are the base's (float rounding of x A 0 is
     exact: the same logits). The reference of the round is the base tree through the same
     module: bitwise the base model's log-probs (one compiled program, called twice)."""
-    state = run.init_state(jax.random.PRNGKey(0), run.hparams())
+    state = jax.jit(run.init_state)(jax.random.PRNGKey(0), run.hparams(), run.ref_params)
     policy = policy_params_fn(CFG)(state.params, state.ref_params)
     tokens = jnp.asarray(run.task.prompts[:4]).astype(jnp.int32)
     mask = jnp.asarray(run.task.prompt_mask[:4])
@@ -148,27 +148,29 @@ def test_adapter_sharding_rules():
 def adapted():
     """A tiny Llama-like decoder (scanned layers) with random adapters, lora_b nonzero."""
     config = get_config("test", init_std=0.3, qkv_bias=False, scan_layers=True)
-    base = init_params(config, jax.random.PRNGKey(1))
-    ad = lora.init_adapters(base, RANK, "q_proj|v_proj|down_proj", jax.random.PRNGKey(2))
+    base = jax.jit(init_params, static_argnums=0)(config, jax.random.PRNGKey(1))  # jitted: one compile, not many
+    ad = jax.jit(lambda k: lora.init_adapters(base, RANK, "q_proj|v_proj|down_proj", k))(jax.random.PRNGKey(2))
     ad = jax.tree_util.tree_map_with_path(
         lambda p, x: jax.random.normal(jax.random.PRNGKey(3), x.shape) * 0.2 if "lora_b" in jax.tree_util.keystr(p)
         else x, ad)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (2, 7)), jnp.int32)
     mask = jnp.ones_like(tokens)
-    ours = Transformer(config).apply({"params": lora.with_adapters(base, ad, ALPHA / RANK)}, tokens, mask)
-    return dict(config=config, base=base, adapters=ad, tokens=tokens, mask=mask, logits=np.asarray(ours))
+    forward = jax.jit(lambda p: Transformer(config).apply({"params": p}, tokens, mask))  # one compile per tree
+    ours = forward(lora.with_adapters(base, ad, ALPHA / RANK))
+    return dict(config=config, base=base, adapters=ad, tokens=tokens, mask=mask, logits=np.asarray(ours),
+                forward=forward)
 
 
 def test_merged_export_equals_our_adapted_forward(adapted, tmp_path):
     a = adapted
     save_hf(tmp_path, a["config"], a["base"], adapters=a["adapters"], lora_alpha=ALPHA)
     config, params, _ = load_hf(tmp_path, overrides={"scan_layers": True})
-    out = Transformer(config).apply({"params": params}, a["tokens"], a["mask"])
+    assert config == a["config"]
+    out = a["forward"](params)  # the exported file through our loader
     np.testing.assert_allclose(out, a["logits"], atol=1e-4, rtol=0)
-    merged = Transformer(a["config"]).apply({"params": lora.merged(a["base"], a["adapters"], ALPHA / RANK)},
-                                            a["tokens"], a["mask"])
-    np.testing.assert_allclose(merged, a["logits"], atol=1e-4, rtol=0)
-    assert np.max(np.abs(out - Transformer(config).apply({"params": a["base"]}, a["tokens"], a["mask"]))) > 1e-2
+    np.testing.assert_allclose(a["forward"](lora.merged(a["base"], a["adapters"], ALPHA / RANK)), a["logits"],
+                               atol=1e-4, rtol=0)
+    assert np.max(np.abs(out - a["forward"](a["base"]))) > 1e-2  # the adapters do change the model
 
 
 def test_peft_loads_the_adapter_with_our_logits(adapted, tmp_path):
