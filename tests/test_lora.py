@@ -61,6 +61,9 @@ def test_config_validation_and_targets(run):
             TrainConfig(**bad).validate()
     with pytest.raises(ValueError, match=r"--lora-targets='nothing_here' matches no kernel.*q_proj"):
         lora.target_kernels(run.ref_params, "nothing_here")
+    with pytest.raises(ValueError, match="LoRA adapts the decoder's projections, but this run's policy is "
+                                         "TabularPolicy"):
+        build_run(TrainConfig(task="bandit-1e-1", lora_rank=2))
     only_q = lora.target_kernels(run.ref_params, r"layers_0/self_attn/q_proj")
     assert list(only_q) == ["model/layers_0/self_attn/q_proj/kernel"]
 

@@ -196,14 +196,18 @@ def build_run(cfg: TrainConfig, layout: Any = None) -> Run:
     return run if layout is None else dataclasses.replace(run, layout=Layout.of(layout))
 
 
+def check_lora_model(cfg: TrainConfig, module: Any) -> None:
+    """A LoRA run needs the decoder (its projections carry the adapters): ValueError otherwise,
+    before the reference is built."""
+    if cfg.lora_rank and not isinstance(module, Transformer):
+        raise ValueError(f"--lora-rank={cfg.lora_rank}: LoRA adapts the decoder's projections, but this run's "
+                         f"policy is {type(module).__name__} (task {cfg.task!r}); use a transformer task or --policy")
+
+
 def check_lora(run: Run) -> None:
-    """A LoRA run needs the decoder (its projections carry the adapters) and --lora-targets must
-    match at least one of its kernels (ValueError naming the pattern)."""
-    module = getattr(run.apply_fn, "__self__", None)
-    if not isinstance(module, Transformer):
-        raise ValueError(f"--lora-rank={run.cfg.lora_rank}: LoRA adapts the decoder's projections, but this run's "
-                         f"policy is {type(module).__name__} (task {run.cfg.task!r}); use a transformer task or "
-                         "--policy")
+    """The built run's policy is the decoder and --lora-targets matches at least one of its
+    kernels (ValueError naming the pattern)."""
+    check_lora_model(run.cfg, getattr(run.apply_fn, "__self__", None))
     target_kernels(run.ref_params, run.cfg.lora_targets)
 
 
@@ -213,6 +217,7 @@ def _build_task_run(cfg: TrainConfig) -> Run:
     if n > task.max_new_tokens:
         raise ValueError(f"--max-new-tokens={n} exceeds task {task.name!r}'s limit {task.max_new_tokens}")
     model = task.make_model(**cfg.model_overrides())  # the decoder, or the task's own policy module
+    check_lora_model(cfg, model)
     model_config = model.config
     ref_params = cast(make_reference(task, jax.random.PRNGKey(cfg.reference_seed)), cfg.ref_dtype or cfg.param_dtype)
     if model_config.scan_layers and isinstance(model, Transformer):
