@@ -5,7 +5,10 @@ XLA reads XLA_FLAGS once, when the backend starts, so it must be set before jax 
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# --xla_backend_optimization_level=0: LLVM emits unoptimised code for the CPU, which halves the
+# compile that dominates these tiny-model tests (the HLO, its fusion and partitioning are the same;
+# only the machine code differs, so results agree to float rounding, as across any two programs).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 # XLA's CPU client sizes its thread pools max(cores, devices): 8 threads here. A program's
 # independent collectives run concurrently and each blocks a thread until every device arrives,
 # so 8 simulated devices on 8 threads can starve and deadlock (seen on 2 cores: 7 threads in an

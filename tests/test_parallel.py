@@ -246,16 +246,6 @@ def test_one_device_moves(setup, one_device):
     assert int(one_device["trainer"].state.round) == ROUNDS
 
 
-def test_trainer_on_4x2_mesh_matches_one_device(setup, one_device, tmp_path):
-    t, rows = train_on(setup, par.make_mesh(4, 2), tmp_path)
-    assert_same_metrics(rows, one_device["rows"])
-    assert max_diff(t.state.params, one_device["trainer"].state.params) <= PARAM_ATOL
-    assert max_diff(t.state.opt_state, one_device["trainer"].state.opt_state) <= PARAM_ATOL
-    kernel = t.state.params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
-    assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
-
-
 def test_trainer_on_2x2x2_mesh_with_tensor_matches_one_device(setup, one_device, tmp_path):
     """data 2 x fsdp 2 x tensor 2: Megatron splits over "tensor", the decode layout and the
     activations pinned by rows change nothing but where the arithmetic runs: the same metrics
@@ -274,10 +264,15 @@ def test_resume_onto_other_mesh_shapes(setup, one_device, tmp_path):
     import dataclasses
 
     cfg = dataclasses.replace(setup["cfg"], run_dir=str(tmp_path), name="m")
-    Trainer(cfg, mesh=par.make_mesh(4, 2), run=setup["run"]).run(stop_after=1)
+    first = Trainer(cfg, mesh=par.make_mesh(4, 2), run=setup["run"])
+    first.run(stop_after=1)
+    kernel = first.state.params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
     resumed = Trainer(dataclasses.replace(cfg, resume=True), mesh=par.make_mesh(2, 2, 2), run=setup["run"])
     resumed.run()
     assert max_diff(resumed.state.params, one_device["trainer"].state.params) <= PARAM_ATOL
+    assert max_diff(resumed.state.opt_state, one_device["trainer"].state.opt_state) <= PARAM_ATOL
     assert [r["round"] for r in rows_of(tmp_path / "m")] == [1, 2]
     assert_same_metrics(rows_of(tmp_path / "m"), one_device["rows"])
 

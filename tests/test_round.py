@@ -264,14 +264,15 @@ def test_algorithm_1_update_trains_on_replayed_pairs():
                                           updates_per_round=2))
         st = r.init_state(jax.random.PRNGKey(6), r.hparams())
         st = st.replace(tx=sgd, opt_state=sgd.init(st.params))
-        f = jax.jit(round_with_prompts(r))
-        dk = r.data_key(jax.random.PRNGKey(6))
-        for _ in range(2):
-            st, _ = f(st, dk)
+        make_pairs, update = jax.jit(r.fns.make_pairs), jax.jit(r.fns.update)
+        some = Judgement(jnp.asarray(np.arange(8) % 2 == 0), jnp.zeros(8), jnp.zeros(8), jnp.ones(8))
+        for k in range(2):  # two judged rounds fill the buffer (the two programs the test needs anyway)
+            st, pairs = make_pairs(st, *r.task.sample_prompts(jax.random.PRNGKey(10 + k), CFG.batch_size))
+            st, _ = update(st, label(pairs, some))
         prompts, pmask = r.task.sample_prompts(jax.random.PRNGKey(7), CFG.batch_size)
-        st1, pairs = jax.jit(r.fns.make_pairs)(st, prompts, pmask)
+        st1, pairs = make_pairs(st, prompts, pmask)
         zero = Judgement(jnp.ones(8, bool), jnp.zeros(8), jnp.zeros(8), jnp.zeros(8))  # every fresh pair weightless
-        new, m = jax.jit(r.fns.update)(st1, label(pairs, zero))
+        new, m = update(st1, label(pairs, zero))
         moved[capacity] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new.params),
                                                                               jax.tree.leaves(st1.params)))
         if capacity:

@@ -30,6 +30,7 @@ the HF pieces, and below the trainer and the command line.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -118,13 +119,25 @@ class Run:
     bonus_defaults: dict = dataclasses.field(default_factory=dict)
     layout: Optional[Layout] = None  # the round's decode layout and activation pins (None: none)
     tx: Any = dataclasses.field(init=False)
+    lr_schedule: Callable = dataclasses.field(init=False)
     fns: RoundFns = dataclasses.field(init=False)
 
     def __post_init__(self):
-        self.tx, schedule = make_optimizer(self.cfg)
-        self.fns = make_round(self.cfg, apply_fn=self.apply_fn, eos_id=self.eos_id, pad_id=self.pad_id,
-                              max_new_tokens=self.max_new_tokens, true_reward_fn=self.true_reward_fn,
-                              optimal_reward_fn=self.optimal_reward_fn, lr_schedule=schedule, layout=self.layout)
+        self.tx, self.lr_schedule = make_optimizer(self.cfg)
+        self.fns = self._make_round()
+
+    def _make_round(self) -> RoundFns:
+        return make_round(self.cfg, apply_fn=self.apply_fn, eos_id=self.eos_id, pad_id=self.pad_id,
+                          max_new_tokens=self.max_new_tokens, true_reward_fn=self.true_reward_fn,
+                          optimal_reward_fn=self.optimal_reward_fn, lr_schedule=self.lr_schedule, layout=self.layout)
+
+    def with_layout(self, layout: Optional[Layout]) -> "Run":
+        """This run with its round sampling in `layout`'s decode form. The optimiser object is kept:
+        it is part of the state's tree structure, so states made by either run stay interchangeable."""
+        new = copy.copy(self)
+        new.layout = layout
+        new.fns = new._make_round()
+        return new
 
     def with_config(self, cfg: TrainConfig) -> "Run":
         """This run's built pieces (reference, task, prompts, oracle) with the round of `cfg`,

@@ -29,7 +29,6 @@ the same program; JAX's multi-controller runtime is the engine):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -167,7 +166,7 @@ class Program:
     def __init__(self, run: Run, layout: Any):
         layout = Layout.of(layout)  # a Mesh or a Layout
         if run.layout is None:  # a Run built without one (build_run(cfg)) samples in this layout's decode form
-            run = dataclasses.replace(run, layout=layout)
+            run = run.with_layout(layout)
         self.run, self.layout = run, layout
         shapes = run.state_shapes()
         st = self.state_sharding = layout.state(shapes)
