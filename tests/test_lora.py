@@ -125,7 +125,7 @@ def test_mesh_2x2x2_equals_one_device(run, trained, tmp_path):
     one-device run does (1e-4)."""
     mesh = par.make_mesh(2, 2, 2)
     cfg = dataclasses.replace(CFG, run_dir=str(tmp_path), name="mesh")
-    t = Trainer(cfg, mesh=mesh, run=dataclasses.replace(run, layout=Layout(mesh)))
+    t = Trainer(cfg, mesh=mesh, run=run.with_layout(Layout(mesh)))
     t.run()
     assert max_diff(host(t.state.params), trained["state"].params) < 1e-4
     spec = t.program.state_sharding.params["model"]["layers_0"]["self_attn"]["q_proj"]["lora_b"].spec
