@@ -662,12 +662,11 @@ def save_peft_adapter(path: str | os.PathLike, config: ModelConfig, adapters: di
     projection, and adapter_config.json (peft_type LORA, r, lora_alpha, target_modules, task_type
     CAUSAL_LM, bias none, fan_in_fan_out false). peft scales by lora_alpha / r, as we do.
     `dtype`: of the tensors (default the adapters' own, which must be float32 or bfloat16)."""
+    if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
+        raise ValueError(f"save_peft_adapter: lora_alpha must be > 0 (the run's --lora-alpha), got {lora_alpha!r}")
     names = _param_map(config, "causal_lm")
-    flat_base = {e.path: jax.ShapeDtypeStruct(s, jnp.float32) for e, s in
-                 ((e, _expected_shapes(config, "causal_lm")[e.path]) for e in names.values())}
+    flat_base = {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in _expected_shapes(config, "causal_lm").items()}
     pairs = _adapter_pairs(adapters, flat_base)
-    if not lora_alpha > 0:
-        raise ValueError(f"save_peft_adapter: lora_alpha must be > 0, got {lora_alpha!r}")
     tensors, ranks = {}, set()
     for name, e in names.items():
         if e.path in pairs:
