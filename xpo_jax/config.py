@@ -19,6 +19,8 @@ EXPLORATION_SAMPLING = ("auto", "mixture")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 NAME_MAX_LEN = 200
 INT32_MAX = 2**31 - 1
+# LoRA's default targets: the attention and MLP projections (xpo_jax.models.lora.DEFAULT_TARGETS).
+LORA_TARGETS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,10 @@ class TrainConfig:
     reward_dtype: Optional[str] = None  # the reward model's storage, HF runs (None: --param-dtype)
     remat: str = "none"  # rematerialise decoder blocks in the training backward: none, block, matmuls
     scan_layers: bool = False  # nn.scan over the decoder layers (one compiled layer: faster compiles)
+    # -- LoRA -------------------------------------------------------------------------------
+    lora_rank: int = 0  # LoRA adapters of this rank train; the base (= the reference) stays frozen (0 = off: full fine-tuning)
+    lora_alpha: float = 16.0  # LoRA scale numerator: the adapters' output is scaled by alpha / rank
+    lora_targets: str = LORA_TARGETS  # regex searched in the kernels' parameter paths: which projections get adapters
     # -- logging / checkpoints ------------------------------------------------------------
     eval_every: int = 10  # eval/* every this many rounds: exact J_beta on tasks, held-out eval on HF runs (0 = off)
     checkpoint_every: int = 50  # save every this many rounds (0 = only at the end)
@@ -174,6 +180,19 @@ class TrainConfig:
         if self.replay_capacity and self.replay_capacity < self.batch_size:
             bad("replay_capacity", f"must be 0 or >= --batch-size={self.batch_size} (a round inserts a batch)")
         self._check_inputs(bad)
+        self._check_lora(bad)
+
+    def _check_lora(self, bad) -> None:
+        """--lora-*: rank an int >= 1 (0 = off), alpha finite > 0, targets a regular expression
+        (whether it matches a kernel is checked against the model in build_run)."""
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            bad("lora_rank", "must be an int >= 1 (or 0: no adapters, full fine-tuning)")
+        if not (isinstance(self.lora_alpha, (int, float)) and 0 < self.lora_alpha < float("inf")):
+            bad("lora_alpha", "must be finite and > 0")
+        try:
+            re.compile(self.lora_targets)
+        except (re.error, TypeError) as e:
+            bad("lora_targets", f"is not a regular expression ({e})")
 
     def _check_int_ranges(self, bad) -> None:
         """Integers the program stores as int32 (rounds, step counts, sizes) must fit it; seeds are

@@ -119,8 +119,31 @@ TENSOR_SPLITS: dict[str, tuple[str, int]] = {
 }
 
 
+# LoRA adapters (`xpo_jax.models.lora`: lora_a [in, r], lora_b [r, out] beside a kernel) are split
+# as their kernel is on the dimension they share with it: a column-parallel layer's lora_b by its
+# output columns, a row-parallel layer's lora_a by its input rows; the rank dimension and the
+# other adapter stay whole. x A then needs no gather of A (row layers: a partial sum, reduced with
+# the kernel's), and (x A) B comes out split like x W.
+LORA_SPLITS: dict[str, tuple[str, int]] = {
+    module: ("lora_b", -1) if dim == -1 else ("lora_a", -2)
+    for module, (leaf, dim) in TENSOR_SPLITS.items() if leaf == "kernel" and module != "lm_head"}
+
+
 def _names(path: Sequence) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def split_dim(path: Sequence, shape: Sequence[int]) -> Optional[int]:
+    """The dimension of the weight at `path` that Megatron's rules split (TENSOR_SPLITS, and
+    LORA_SPLITS for adapters), counted from the start; None when no rule names it."""
+    names = _names(path)
+    if len(names) < 2:
+        return None
+    for table in (TENSOR_SPLITS, LORA_SPLITS):
+        rule = table.get(names[-2])
+        if rule is not None and names[-1] == rule[0] and len(shape) >= -rule[1]:
+            return len(shape) + rule[1]
+    return None
 
 
 def tensor_dim(path: Sequence, shape: Sequence[int], tensor_size: int) -> Optional[int]:
@@ -129,12 +152,8 @@ def tensor_dim(path: Sequence, shape: Sequence[int], tensor_size: int) -> Option
     divide, e.g. GQA's k/v columns when there are fewer KV heads than tensor devices)."""
     if tensor_size <= 1:
         return None
-    names = _names(path)
-    for module, (leaf, dim) in TENSOR_SPLITS.items():
-        if len(names) >= 2 and names[-2] == module and names[-1] == leaf and len(shape) >= -dim:
-            d = len(shape) + dim
-            return d if shape[d] % tensor_size == 0 else None
-    return None
+    d = split_dim(path, shape)
+    return d if d is not None and shape[d] % tensor_size == 0 else None
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = FSDP_MIN_SIZE, stacked: bool = False,
@@ -326,13 +345,10 @@ class Layout:
         over data. Megatron over every model-parallel device: a decode step's matmuls need no
         weight from another device, only activations cross (an all-reduce of [B, D] after each
         row-split layer, the rows' reshuffles around the attention)."""
-        names = _names(path)
         spec: list = [None] * len(shape)
-        for module, (leaf, dim) in TENSOR_SPLITS.items():
-            if len(names) >= 2 and names[-2] == module and names[-1] == leaf and len(shape) >= -dim:
-                d = len(shape) + dim
-                spec[d] = model_axes(self, shape[d])
-                break
+        d = split_dim(path, shape)
+        if d is not None:
+            spec[d] = model_axes(self, shape[d])
         while spec and spec[-1] is None:
             spec.pop()
         return P(*spec)

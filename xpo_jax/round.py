@@ -23,6 +23,7 @@ import optax
 
 from xpo_jax.logprobs import completion_logprobs, has_eos
 from xpo_jax.losses import xpo_loss
+from xpo_jax.models import lora
 from xpo_jax.pairs import LabelledPairs, Pairs, label
 from xpo_jax.parallel import TRAIN
 from xpo_jax.sampling import sample
@@ -79,6 +80,23 @@ def pair_logprobs(logits_fn: Callable, params, pairs: LabelledPairs) -> tuple[Ar
     return lp[:B], lp[B:]
 
 
+def lora_scale_of(cfg: Any) -> Optional[float]:
+    """alpha / r of a LoRA config (`--lora-rank` > 0), else None (full fine-tuning)."""
+    rank = getattr(cfg, "lora_rank", 0)
+    return lora.lora_scale(cfg.lora_alpha, rank) if rank else None
+
+
+def policy_params_fn(cfg: Any) -> Callable:
+    """(state.params, state.ref_params) -> the policy's parameter tree. Full fine-tuning: the
+    params themselves. LoRA: the params are the adapters and the reference the frozen base, so
+    the policy is the base with the adapters beside its kernels (`lora.with_adapters`: the
+    base's arrays shared, never copied)."""
+    scale = lora_scale_of(cfg)
+    if scale is None:
+        return lambda params, ref_params: params
+    return lambda params, ref_params: lora.with_adapters(ref_params, params, scale)
+
+
 def exploration_sampling(cfg: TrainConfig) -> str:
     """The static path that samples y~: "ref" (lambda = 1), "policy" (lambda = 0), or "mixture"
     (lambda anything, traced; forced by cfg.exploration_sampling = "mixture")."""
@@ -110,11 +128,21 @@ def _pairs_fn(cfg: TrainConfig, apply_fn: Callable, eos_id: int, pad_id: int, n:
     path = exploration_sampling(cfg)
     dtype = compute_dtype(apply_fn)
     decoded = (lambda p: p) if layout is None else (lambda p: layout.decode_params(p, dtype))
+    scale = lora_scale_of(cfg)
+
+    def models(state: XPOState) -> tuple[Any, Callable]:
+        """(pi_t's parameters in the decode layout, () -> pi_ref's). LoRA: one base moved once,
+        shared by both (pi_ref is the base with the adapters off)."""
+        if scale is None:
+            return decoded(state.params), lambda: decoded(state.ref_params)
+        base = decoded(state.ref_params)
+        return lora.attach(base, decoded(lora.scaled(state.params, scale))), lambda: base
 
     def make_pairs(state: XPOState, prompts: Array, prompt_mask: Array):
         # Five keys on every path, so the paths draw the same y (and, for lambda in {0, 1}, y~).
         rng, k_y, k_yt, k_mix, k_judge = jax.random.split(state.rng, 5)
         B = prompts.shape[0]
+        policy, reference = models(state)
 
         def draw(params, key):
             return sample(apply_fn, params, prompts, prompt_mask, key, max_new_tokens=n,
@@ -124,7 +152,7 @@ def _pairs_fn(cfg: TrainConfig, apply_fn: Callable, eos_id: int, pad_id: int, n:
         def policy_pair():
             # Same parameters: one decode loop over both keys (N steps instead of 2N, each a
             # matmul over 2B rows).
-            out = jax.vmap(draw, in_axes=(None, 0))(decoded(state.params), jnp.stack([k_y, k_yt]))
+            out = jax.vmap(draw, in_axes=(None, 0))(policy, jnp.stack([k_y, k_yt]))
             return tuple(jax.tree_util.tree_map(lambda a: a[i], out) for i in (0, 1))
 
         if path == "policy":
@@ -134,14 +162,17 @@ def _pairs_fn(cfg: TrainConfig, apply_fn: Callable, eos_id: int, pad_id: int, n:
             # slower on CPU (0.55 s vs 2 x 0.16 s at bench-tiny B=8): batched dots with distinct
             # weights lower worse than two plain loops.
             # One model in the decode layout at a time: y~'s copy is made from y's result on.
-            y = draw(decoded(state.params), k_y)
-            ref = state.ref_params
-            if layout is not None:  # (an optimisation barrier orders the reference's move after y)
-                ref, _ = jax.lax.optimization_barrier((ref, y.tokens))
-            ref = decoded(ref)
+            y = draw(policy, k_y)
+            if scale is None:
+                ref = state.ref_params
+                if layout is not None:  # (an optimisation barrier orders the reference's move after y)
+                    ref, _ = jax.lax.optimization_barrier((ref, y.tokens))
+                ref = decoded(ref)
+            else:  # LoRA: the base already moved for pi_t
+                ref = reference()
             yt, from_ref = draw(ref, k_yt), jnp.ones((B,), bool)
         else:
-            (y, yt_policy), yt_ref = policy_pair(), draw(decoded(state.ref_params), k_yt)
+            (y, yt_policy), yt_ref = policy_pair(), draw(reference(), k_yt)
             from_ref = jax.random.uniform(k_mix, (B,)) < state.hparams.exploration_mix
             pick = lambda a, b: jnp.where(from_ref.reshape((B,) + (1,) * (a.ndim - 1)), a, b)
             yt = jax.tree_util.tree_map(pick, yt_ref, yt_policy)
@@ -151,12 +182,15 @@ def _pairs_fn(cfg: TrainConfig, apply_fn: Callable, eos_id: int, pad_id: int, n:
 
 
 def _grads_fn(cfg: TrainConfig, logits_fn: Callable) -> Callable:
-    """(params, batch: LabelledPairs, alpha, beta, hparams) -> (gradient of the pair-weighted mean
-    loss, aux = (log pi(y), loss, per-example metrics)), by micro-batches when cfg asks."""
+    """(params, ref_params, batch: LabelledPairs, alpha, beta, hparams) -> (gradient in `params`
+    of the pair-weighted mean loss, aux = (log pi(y), loss, per-example metrics)), by
+    micro-batches when cfg asks. The policy is `policy_params_fn(cfg)(params, ref_params)`
+    (LoRA: gradients of the adapters only; the base is a constant)."""
     M = cfg.micro_batches
+    policy = policy_params_fn(cfg)
 
-    def loss_sum(params, mb: LabelledPairs, alpha, beta, hp):
-        pi_y, pi_yt = pair_logprobs(logits_fn, params, mb)
+    def loss_sum(params, ref_params, mb: LabelledPairs, alpha, beta, hp):
+        pi_y, pi_yt = pair_logprobs(logits_fn, policy(params, ref_params), mb)
         loss, m = xpo_loss(pi_y=pi_y, pi_ytilde=pi_yt, ref_y=mb.ref_y, ref_ytilde=mb.ref_yt, y_wins=mb.y_wins,
                            alpha=alpha, beta=beta, loss_type=cfg.loss_type, loss_params=hp.loss_params,
                            bonus=cfg.bonus, bonus_params=hp.bonus_params)
@@ -164,17 +198,17 @@ def _grads_fn(cfg: TrainConfig, logits_fn: Callable) -> Callable:
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
 
-    def grads(params, batch: LabelledPairs, alpha, beta, hp):
+    def grads(params, ref_params, batch: LabelledPairs, alpha, beta, hp):
         norm = jnp.maximum(batch.valid.sum(), 1.0)
         if M == 1:
-            g, aux = grad_fn(params, batch, alpha, beta, hp)
+            g, aux = grad_fn(params, ref_params, batch, alpha, beta, hp)
             return jax.tree_util.tree_map(lambda a: a / norm, g), aux
         # Gradient accumulation: the sum of micro-batch gradients of sum(valid * loss), divided
         # once by the whole batch's weight, equals the full batch's gradient.
         micro = jax.tree_util.tree_map(lambda a: a.reshape((M, a.shape[0] // M) + a.shape[1:]), batch)
 
         def body(acc, mb):
-            g, aux = grad_fn(params, mb, alpha, beta, hp)
+            g, aux = grad_fn(params, ref_params, mb, alpha, beta, hp)
             return jax.tree_util.tree_map(jnp.add, acc, g), aux
 
         g, aux = jax.lax.scan(body, jax.tree_util.tree_map(jnp.zeros_like, params), micro)
@@ -235,7 +269,7 @@ def _update_fn(cfg: TrainConfig, logits_fn: Callable, lr_schedule: Callable, eos
             batches = replay.draw(k_replay, (K, cfg.replay_batch_size))
 
         def step(st, batch):
-            g, aux = grads(st.params, batch, alpha, beta, st.hparams)
+            g, aux = grads(st.params, st.ref_params, batch, alpha, beta, st.hparams)
             return st.apply_scaled_gradients(g), (aux, optax.tree.norm(g), batch.valid)
 
         new_state, (aux, gnorm, weights) = jax.lax.scan(step, state, batches)

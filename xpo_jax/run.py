@@ -39,15 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from xpo_jax.config import TrainConfig
+from xpo_jax.models.lora import init_adapters, target_kernels
 from xpo_jax.models.transformer import Transformer, stack_layer_params
 from xpo_jax.oracles import reward_fn_oracle
 from xpo_jax.parallel import Layout
 from xpo_jax.reporting import EXACT_EVAL_KEYS
-from xpo_jax.round import RoundFns, make_optimizer, make_round
+from xpo_jax.round import RoundFns, make_optimizer, make_round, policy_params_fn
 from xpo_jax.state import Hyperparams, XPOState, initial_state
 from xpo_jax.tasks import Task, make_reference, resolve_task
 
 Array = jax.Array
+LORA_SALT = 0x10BA  # folded into the run's key for the adapters' initialisation
 
 # Settings that change what the round computes (or where a run writes), not what a Run was built
 # from: `Run.with_config` accepts a config that differs from the run's own only in these.
@@ -82,6 +84,7 @@ class ExactEval:
     task: Task
     apply_fn: Callable
     num_rounds: int
+    policy_fn: Optional[Callable] = None  # (params, ref_params) -> the policy's tree (round.policy_params_fn)
     in_graph = True
     keys = EXACT_EVAL_KEYS
 
@@ -89,7 +92,8 @@ class ExactEval:
         """At the beta of the state's last completed round (the schedule clips round -1, the
         reference's own evaluation, to round 0)."""
         _, beta = state.hparams.scheduled(state.round - 1, self.num_rounds)
-        out = self.task.exact_eval(self.apply_fn, state.params, state.ref_params, beta)
+        params = state.params if self.policy_fn is None else self.policy_fn(state.params, state.ref_params)
+        out = self.task.exact_eval(self.apply_fn, params, state.ref_params, beta)
         return {f"eval/{k.split('/', 1)[1]}": out[k.split("/", 1)[1]] for k in self.keys}
 
 
@@ -152,9 +156,21 @@ class Run:
     def init_state(self, key: Array, hparams: Hyperparams, ref_params: Any = None) -> XPOState:
         """Round 0: the policy is a copy of the reference. Pass `ref_params` explicitly under jit
         (a closed-over array would be baked into the program as a constant)."""
-        return initial_state(self.cfg, apply_fn=self.apply_fn, ref_params=self.ref_params if ref_params is None
-                             else ref_params, tx=self.tx, key=key, hparams=hparams, prompt_len=self.prompt_len,
-                             max_new_tokens=self.max_new_tokens, param_dtype=self.cfg.param_dtype)
+        ref_params = self.ref_params if ref_params is None else ref_params
+        return initial_state(self.cfg, apply_fn=self.apply_fn, ref_params=ref_params, tx=self.tx, key=key,
+                             hparams=hparams, prompt_len=self.prompt_len, max_new_tokens=self.max_new_tokens,
+                             param_dtype=self.cfg.param_dtype, params=self.init_adapters(key, ref_params))
+
+    def init_adapters(self, key: Array, ref_params: Any = None) -> Any:
+        """A LoRA run's initial adapters for the base `ref_params` (from the run's key: lora_a
+        random, lora_b zeros), or None without --lora-rank (the policy starts as a copy of the
+        reference)."""
+        cfg = self.cfg
+        if not cfg.lora_rank:
+            return None
+        base = self.ref_params if ref_params is None else ref_params
+        return init_adapters(base, cfg.lora_rank, cfg.lora_targets, jax.random.fold_in(key, LORA_SALT),
+                             dtype=cfg.param_dtype)
 
     def state_shapes(self, hparams: Optional[Hyperparams] = None) -> XPOState:
         """The state's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), nothing materialised."""
@@ -187,8 +203,25 @@ def build_run(cfg: TrainConfig, layout: Any = None) -> Run:
         run = _build_hf_run(cfg, Layout.of(layout))
     else:
         run = _build_task_run(cfg)
+    if cfg.lora_rank:
+        check_lora(run)
     # The round samples in the layout's decode layout and pins activations by rows.
     return run if layout is None else dataclasses.replace(run, layout=Layout.of(layout))
+
+
+def check_lora_model(cfg: TrainConfig, module: Any) -> None:
+    """A LoRA run needs the decoder (its projections carry the adapters): ValueError otherwise,
+    before the reference is built."""
+    if cfg.lora_rank and not isinstance(module, Transformer):
+        raise ValueError(f"--lora-rank={cfg.lora_rank}: LoRA adapts the decoder's projections, but this run's "
+                         f"policy is {type(module).__name__} (task {cfg.task!r}); use a transformer task or --policy")
+
+
+def check_lora(run: Run) -> None:
+    """The built run's policy is the decoder and --lora-targets matches at least one of its
+    kernels (ValueError naming the pattern)."""
+    check_lora_model(run.cfg, getattr(run.apply_fn, "__self__", None))
+    target_kernels(run.ref_params, run.cfg.lora_targets)
 
 
 def _build_task_run(cfg: TrainConfig) -> Run:
@@ -197,6 +230,7 @@ def _build_task_run(cfg: TrainConfig) -> Run:
     if n > task.max_new_tokens:
         raise ValueError(f"--max-new-tokens={n} exceeds task {task.name!r}'s limit {task.max_new_tokens}")
     model = task.make_model(**cfg.model_overrides())  # the decoder, or the task's own policy module
+    check_lora_model(cfg, model)
     model_config = model.config
     ref_params = cast(make_reference(task, jax.random.PRNGKey(cfg.reference_seed)), cfg.ref_dtype or cfg.param_dtype)
     if model_config.scan_layers and isinstance(model, Transformer):
@@ -210,7 +244,7 @@ def _build_task_run(cfg: TrainConfig) -> Run:
     best, r_min, r_max = reward_table(task)
     return Run(cfg=cfg, apply_fn=model.apply, ref_params=ref_params, prompt_len=task.prompt_len, max_new_tokens=n,
                eos_id=task.eos_id, pad_id=task.pad_id, oracle=oracle, prompts=TaskPrompts(task, cfg.batch_size),
-               evaluator=ExactEval(task, model.apply, cfg.rounds), task=task, true_reward_fn=task.reward_fn,
+               evaluator=ExactEval(task, model.apply, cfg.rounds, policy_params_fn(cfg)), task=task, true_reward_fn=task.reward_fn,
                optimal_reward_fn=optimal_reward_fn(task, best), bonus_defaults={"v_max": r_max - r_min})
 
 

@@ -158,8 +158,12 @@ class XPOState(train_state.TrainState):
 
 
 def initial_state(cfg, *, apply_fn, ref_params, tx, key: Array, hparams: Hyperparams, prompt_len: int,
-                  max_new_tokens: int, param_dtype=None) -> XPOState:
+                  max_new_tokens: int, param_dtype=None, params=None) -> XPOState:
     """Round 0 of a run: the policy starts at the reference (as in RLHF fine-tuning).
+
+    `params`: the trained parameters when they are not a copy of the reference: a LoRA run's
+    adapters (lora_b = 0, so the policy still starts at the reference), the optimiser state
+    then the adapters' only.
 
     `param_dtype`: the storage dtype of the policy's parameters (default: the reference's).
     Everything taken from the caller (params and ref_params from `ref_params`, the key, the
@@ -169,6 +173,7 @@ def initial_state(cfg, *, apply_fn, ref_params, tx, key: Array, hparams: Hyperpa
     replay = Replay.empty(cfg.replay_capacity, prompt_len, max_new_tokens) if cfg.replay_capacity else None
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
     # The policy's master weights in `param_dtype` (e.g. float32 over a bfloat16 reference).
-    params = ref_params if param_dtype is None else jax.tree_util.tree_map(lambda x: x.astype(param_dtype), ref_params)
+    params = ref_params if params is None else params
+    params = params if param_dtype is None else jax.tree_util.tree_map(lambda x: x.astype(param_dtype), params)
     return XPOState.create_xpo(apply_fn=apply_fn, params=copy(params), ref_params=copy(ref_params), tx=tx,
                                rng=copy(key), hparams=copy(hparams), replay=replay)

@@ -174,6 +174,11 @@ class Program:
         rep, bs = layout.replicated, layout.batch
         self.ref_params = layout.place(run.ref_params)
         self._init = jax.jit(run.init_state, out_shardings=st)
+        # LoRA: checkpoints hold the adapters and their optimiser state, not the frozen base (the
+        # run's reference, rebuilt or reloaded on resume and checked against its fingerprint).
+        self.lora = bool(run.cfg.lora_rank)
+        self.saved_abstract = self.abstract_state.replace(ref_params=None) if self.lora else self.abstract_state
+        self._copy_ref = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=st.ref_params)
         self.oracle = None
         if run.oracle is not None:
             self.oracle = layout.place(run.oracle)
@@ -226,6 +231,15 @@ class Program:
 
     def init(self, key: Array, hparams: Any) -> Any:
         return self._init(key, hparams, self.ref_params)
+
+    def to_save(self, state: Any) -> Any:
+        """What a checkpoint holds of `state`: all of it, or without the base under LoRA."""
+        return state.replace(ref_params=None) if self.lora else state
+
+    def from_saved(self, state: Any) -> Any:
+        """A restored checkpoint (`to_save`'s form) as a full state: under LoRA with a fresh copy
+        of the base (the state is donated each round, the program's own base must survive)."""
+        return state.replace(ref_params=self._copy_ref(self.ref_params)) if self.lora else state
 
     def step(self, state: Any, data_key: Array, round_idx: int) -> tuple[Any, dict]:
         run = self.run
@@ -454,11 +468,12 @@ class Trainer:
         cfg = self.cfg
         if not cfg.resume:
             return None, 0
-        restored = ckpt.restore_latest_good(self.program.abstract_state)
+        restored = ckpt.restore_latest_good(self.program.saved_abstract)
         if restored is None:
             print(f"--resume: no checkpoint in {ckpt.directory}; starting at round 1", flush=True)
             return None, 0
         state, saved_cfg, data, note = restored
+        state = self.program.from_saved(state)
         check_resumable(saved_cfg, cfg.to_dict())
         start = int(data["round"])
         self._restore_prompts(data)
@@ -532,7 +547,7 @@ class Trainer:
         stop = dist.any_process(self._stop_signal is not None)
         due = cfg.checkpoint_every and r % cfg.checkpoint_every == 0
         if due or r == loop.end or stop:
-            loop.ckpt.save(r, loop.state, cfg.to_dict(), self._data_position(r))
+            loop.ckpt.save(r, self.program.to_save(loop.state), cfg.to_dict(), self._data_position(r))
             loop.last_saved = loop.last_good = r
         if stop:
             self.interrupted = True
@@ -572,8 +587,15 @@ class Trainer:
         self._check_models(saved, quiet=True)
 
     def _model_fingerprints(self) -> Optional[dict]:
+        """HF runs: the model files' sha256s. A LoRA task run: its base's (built from the seed,
+        so its bytes are fingerprinted: a resume onto another base is refused)."""
         if self.cfg.policy is None:
-            return None
+            if not self.cfg.lora_rank:
+                return None
+            from xpo_jax.models.lora import base_fingerprint, tree_bytes
+
+            return {"task": {"path": f"task:{self.cfg.task}", "files": {
+                "lora-base-params": [tree_bytes(self.run_.ref_params), base_fingerprint(self.run_.ref_params)]}}}
         from xpo_jax.hf.run import model_fingerprints
 
         return model_fingerprints(self.cfg)

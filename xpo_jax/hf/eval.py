@@ -62,7 +62,7 @@ from xpo_jax.distributed import first_copy
 from xpo_jax.logprobs import completion_logprobs, has_eos
 from xpo_jax.parallel import Layout
 from xpo_jax.reporting import HELD_OUT_EVAL_KEYS, held_out_summary
-from xpo_jax.round import completion_logits_fn
+from xpo_jax.round import completion_logits_fn, policy_params_fn
 from xpo_jax.sampling import sample
 
 if TYPE_CHECKING:  # the config is read, never imported at run time (it sits in a higher layer)
@@ -396,7 +396,9 @@ class HeldOutEval:
             self._on = self._build()
         if self.ref is None:  # the reference's pass: the same executable as the policy's
             self.ref = self._on.run(state.ref_params, state.ref_params, self._on.dummy)[0]
-        _, (metrics, samples) = self._on.run(state.params, state.ref_params, self.ref)
+        # LoRA: the policy is the base with the adapters (a second compile: another tree)
+        policy = policy_params_fn(self.cfg)(state.params, state.ref_params)
+        _, (metrics, samples) = self._on.run(policy, state.ref_params, self.ref)
         metrics, samples = first_copy((metrics, samples))
         metrics = {k: float(v) for k, v in metrics.items()}
         self.seconds.append(time.perf_counter() - t0)

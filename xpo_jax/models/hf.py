@@ -68,7 +68,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from xpo_jax.models import families
+from xpo_jax.models import families, lora
 from xpo_jax.models.transformer import ModelConfig, RewardModel, Transformer
 
 KINDS = ("causal_lm", "reward_model")
@@ -510,7 +510,8 @@ def _write_safetensors(file: Path, tensors: list[tuple[str, tuple, np.dtype]],
 
 def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind: str = "causal_lm",
             dtype: Any = None, shard_size: Optional[int] = None,
-            extra_config: Optional[dict] = None) -> None:
+            extra_config: Optional[dict] = None, adapters: Optional[dict] = None,
+            lora_alpha: Optional[float] = None) -> None:
     """Write `params` as a Hugging Face checkpoint directory that transformers loads with
     `AutoModelForCausalLM` (kind "causal_lm") or `AutoModelForSequenceClassification`
     (kind "reward_model").
@@ -535,6 +536,11 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind:
     writes files; all return once the files are complete.
 
     Tied embeddings (config.tie_embeddings) write no lm_head tensor, as transformers does.
+
+    LoRA: with `adapters` (a LoRA run's `state.params`; `params` then the base, its
+    `ref_params`) and `lora_alpha`, each adapted kernel is written merged, W + (alpha / r) A B
+    (in float32 on the host, one tensor at a time, then cast to `dtype`); `save_peft_adapter`
+    writes the adapters alone in peft's layout instead.
     """
     dt = _float_dtype(dtype, config.param_dtype)
     hf_config = config_to_hf(config, kind, dt)
@@ -542,6 +548,7 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind:
     names = _param_map(config, kind)
     shapes = _expected_shapes(config, kind)
     flat = traverse_util.flatten_dict(params)
+    delta = _lora_delta(adapters, lora_alpha, flat)
     for param_path, shape in shapes.items():
         if param_path not in flat:
             raise KeyError(f"params lack {'/'.join(param_path)} (a {kind} of this config)")
@@ -568,7 +575,8 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind:
         e = names[name]
         x = flat[e.path]
         x = _host_value(x if e.layer is None else x[e.layer])  # one layer of a stacked tensor
-        x = x.astype(dt)
+        d = delta(e.path, e.layer)
+        x = (x.astype(np.float32) + d if d is not None else x).astype(dt)
         return x.T if e.transpose else x
 
     lead = jax.process_index() == 0
@@ -598,3 +606,113 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"xpo_jax save_hf {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters: merged into the kernels, or in peft's layout
+# ----------------------------------------------------------------------------------------------
+
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def _lora_delta(adapters: Optional[dict], lora_alpha: Optional[float], flat: dict) -> Callable:
+    """(kernel path, layer or None) -> the float32 numpy (alpha / r) A @ B [in, out] to add to that
+    kernel, or None where it has no adapter. Checks the adapters against the base's kernels."""
+    if adapters is None:
+        return lambda path, layer: None
+    if lora_alpha is None or not lora_alpha > 0:
+        raise ValueError(f"save_hf: adapters need lora_alpha > 0 (the run's --lora-alpha), got {lora_alpha!r}")
+    pairs = _adapter_pairs(adapters, flat)
+
+    def delta(path, layer):
+        if path not in pairs:
+            return None
+        a, b = pairs[path]
+        a, b = (_host_value(x if layer is None else x[layer]).astype(np.float32) for x in (a, b))
+        return (lora_alpha / a.shape[-1]) * (a @ b)
+
+    return delta
+
+
+def _adapter_pairs(adapters: dict, flat_base: dict) -> dict:
+    """{kernel path: (lora_a, lora_b)} of an adapter tree, each checked against its kernel
+    [..., in, out]: lora_a [..., in, r], lora_b [..., r, out]."""
+    flat = traverse_util.flatten_dict(adapters)
+    pairs = {}
+    for p in flat:
+        if p[-1] not in (lora.LORA_A, lora.LORA_B):
+            raise ValueError(f"adapters hold {'/'.join(p)}: expected only {lora.LORA_A} / {lora.LORA_B} leaves")
+        kernel = p[:-1] + ("kernel",)
+        a, b = flat.get(p[:-1] + (lora.LORA_A,)), flat.get(p[:-1] + (lora.LORA_B,))
+        w = flat_base.get(kernel)
+        if w is None or a is None or b is None:
+            raise ValueError(f"adapters {'/'.join(p[:-1])}: need lora_a, lora_b and a base kernel at {'/'.join(kernel)}")
+        if a.shape[:-1] != w.shape[:-1] or b.shape[-1] != w.shape[-1] or a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"adapters {'/'.join(p[:-1])}: lora_a {a.shape} / lora_b {b.shape} do not fit the "
+                             f"kernel {w.shape} (expected [..., in, r] and [..., r, out])")
+        pairs[kernel] = (a, b)
+    return pairs
+
+
+def save_peft_adapter(path: str | os.PathLike, config: ModelConfig, adapters: dict, *, lora_alpha: float,
+                      base_model_name_or_path: Optional[str] = None, dtype: Any = None) -> None:
+    """Write a LoRA run's adapters in peft's layout (`PeftModel.from_pretrained(hf_model, path)`):
+    adapter_model.safetensors with `base_model.model.<HF module>.lora_A.weight` [r, in] and
+    `.lora_B.weight` [out, r] (torch Linear orientation: A^T, B^T of ours) per adapted
+    projection, and adapter_config.json (peft_type LORA, r, lora_alpha, target_modules, task_type
+    CAUSAL_LM, bias none, fan_in_fan_out false). peft scales by lora_alpha / r, as we do.
+    `dtype`: of the tensors (default the adapters' own, which must be float32 or bfloat16)."""
+    if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
+        raise ValueError(f"save_peft_adapter: lora_alpha must be > 0 (the run's --lora-alpha), got {lora_alpha!r}")
+    names = _param_map(config, "causal_lm")
+    flat_base = {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in _expected_shapes(config, "causal_lm").items()}
+    pairs = _adapter_pairs(adapters, flat_base)
+    tensors, ranks = {}, set()
+    for name, e in names.items():
+        if e.path in pairs:
+            a, b = pairs[e.path]
+            ranks.add(int(a.shape[-1]))
+            module = name[:-len(".weight")]
+            tensors[f"base_model.model.{module}.lora_A.weight"] = (a, e.layer)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = (b, e.layer)
+    if len(ranks) != 1:
+        raise ValueError(f"save_peft_adapter: the adapters must share one rank (peft's r), got {sorted(ranks)}")
+    dt = _float_dtype(dtype, next(iter(pairs.values()))[0].dtype)
+    _write_peft(Path(path), tensors, dt, _peft_config(names, pairs, ranks.pop(), lora_alpha, base_model_name_or_path))
+
+
+def _peft_config(names: dict, pairs: dict, rank: int, lora_alpha: float, base: Optional[str]) -> dict:
+    """adapter_config.json: target_modules the short module names (q_proj, ...) when every layer
+    of each is adapted, else the full HF module names of the adapted ones."""
+    adapted = sorted(n[:-len(".weight")] for n, e in names.items() if e.path in pairs)
+    short = sorted({n.split(".")[-1] for n in adapted})
+    every = all(sum(n.endswith(f".{m}.weight") for n in names) == sum(a.endswith(f".{m}") for a in adapted)
+                for m in short)
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": float(lora_alpha),
+            "target_modules": short if every else adapted, "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "base_model_name_or_path": base, "inference_mode": True,
+            "use_rslora": False, "modules_to_save": None, "init_lora_weights": True}
+
+
+def _write_peft(path: Path, tensors: dict, dt: np.dtype, adapter_config: dict) -> None:
+    """Stream the peft tensors (transposed to torch's [out, in]) and write adapter_config.json;
+    process 0 writes, every process gathers."""
+    def fetch(name):
+        x, layer = tensors[name]
+        return _host_value(x if layer is None else x[layer]).astype(dt).T
+
+    def shape(name):
+        x, layer = tensors[name]
+        return tuple(x.shape[1:] if layer is not None else x.shape)[::-1]
+
+    lead = jax.process_index() == 0
+    if lead:
+        path.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(path / PEFT_WEIGHTS, [(n, shape(n), dt) for n in tensors], fetch, lead)
+    if lead:
+        with open(path / PEFT_CONFIG, "w", encoding="utf-8") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"xpo_jax save_peft_adapter {path}")

@@ -102,6 +102,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from xpo_jax.models.lora import LoraDense
 from xpo_jax.parallel import pin_batch, pin_columns, pin_heads
 
 Array = jax.Array
@@ -519,7 +520,9 @@ def softcap(x: Array, cap: Optional[float]) -> Array:
 
 
 def _dense(config: ModelConfig, features: int, use_bias: bool, name: Optional[str] = None) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=config.compute_dtype,
+    """A projection: nn.Dense, which adds LoRA's (x A) B when its parameters hold adapters
+    (`xpo_jax.models.lora`; without them it is nn.Dense exactly)."""
+    return LoraDense(features, use_bias=use_bias, dtype=config.compute_dtype,
                     param_dtype=config.storage_dtype,
                     kernel_init=nn.initializers.normal(config.init_std), name=name)
 
