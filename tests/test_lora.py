@@ -66,6 +66,11 @@ def test_config_validation_and_targets(run):
         build_run(TrainConfig(task="bandit-1e-1", lora_rank=2))
     only_q = lora.target_kernels(run.ref_params, r"layers_0/self_attn/q_proj")
     assert list(only_q) == ["model/layers_0/self_attn/q_proj/kernel"]
+    every = lora.target_kernels(run.ref_params, lora.DEFAULT_TARGETS)
+    smallest = min(min(shape[-2:]) for shape in every.values())
+    lora.check_rank(every, smallest)  # full rank is allowed
+    with pytest.raises(ValueError, match=rf"--lora-rank={smallest + 1}: exceeds min\(in, out\) = {smallest} of model/"):
+        lora.check_rank(every, smallest + 1)
 
 
 def test_state_holds_only_adapters(run):

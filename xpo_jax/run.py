@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xpo_jax.config import TrainConfig
-from xpo_jax.models.lora import init_adapters, target_kernels
+from xpo_jax.models.lora import check_rank, init_adapters, target_kernels
 from xpo_jax.models.transformer import Transformer, stack_layer_params
 from xpo_jax.oracles import reward_fn_oracle
 from xpo_jax.parallel import Layout
@@ -218,10 +218,10 @@ def check_lora_model(cfg: TrainConfig, module: Any) -> None:
 
 
 def check_lora(run: Run) -> None:
-    """The built run's policy is the decoder and --lora-targets matches at least one of its
-    kernels (ValueError naming the pattern)."""
+    """The built run's policy is the decoder, --lora-targets matches at least one of its kernels
+    (ValueError naming the pattern) and --lora-rank does not exceed any targeted kernel's rank."""
     check_lora_model(run.cfg, getattr(run.apply_fn, "__self__", None))
-    target_kernels(run.ref_params, run.cfg.lora_targets)
+    check_rank(target_kernels(run.ref_params, run.cfg.lora_targets), run.cfg.lora_rank)
 
 
 def _build_task_run(cfg: TrainConfig) -> Run:

@@ -91,6 +91,17 @@ def target_kernels(base: Any, targets: str) -> dict[str, tuple]:
     return hit
 
 
+def check_rank(kernels: dict, rank: int) -> None:
+    """ValueError when `rank` exceeds min(in, out) of a targeted kernel ({path: shape}, as
+    `target_kernels` gives): past it the update A @ B is already full rank, so the extra rank only
+    adds parameters and optimiser state."""
+    path, shape = min(kernels.items(), key=lambda kv: min(kv[1][-2:]))
+    if rank > min(shape[-2:]):
+        raise ValueError(f"--lora-rank={rank}: exceeds min(in, out) = {min(shape[-2:])} of {path} "
+                         f"{list(shape[-2:])}; at that rank the update is already full rank (use a smaller "
+                         "rank, or narrow --lora-targets)")
+
+
 def _set(tree: dict, path: list, value: Any) -> None:
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
