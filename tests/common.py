@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = os.path.join(ROOT, "experiments", "data", "prompts_tiny.jsonl")
 TASK_NAME = "parallel-test"
@@ -65,3 +67,13 @@ def max_diff(a, b) -> float:
 
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
                zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_plots():
+    """curve.png is not under test where this is imported (autouse) and costs seconds per run."""
+    from xpo_jax import train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "plot_run_curves", lambda *a, **k: None)
+        yield

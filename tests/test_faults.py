@@ -59,7 +59,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from common import PROMPTS, hf_test_config, make_tiny_hf
+from common import PROMPTS, hf_test_config, make_tiny_hf, no_plots  # noqa: F401 (autouse fixture)
 
 from xpo_jax import parallel as par
 from xpo_jax.parallel import Layout
@@ -96,14 +96,6 @@ ROUND_PROGRAMS = {"jit(step)", "jit(round_fn)", "jit(make_pairs)", "jit(update)"
 # ----------------------------------------------------------------------------------------------
 # Shared pieces
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_plots():
-    """curve.png is not under test here and costs seconds per run."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "plot_run_curves", lambda *a, **k: None)
-        yield
 
 
 @pytest.fixture(scope="module")

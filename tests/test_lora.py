@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from common import max_diff, parallel_test_config
+from common import max_diff, no_plots, parallel_test_config  # noqa: F401 (autouse fixture)
 
 from xpo_jax import parallel as par
-from xpo_jax import train as train_module
 from xpo_jax.config import TrainConfig
 from xpo_jax.models import lora
 from xpo_jax.models.hf import load_hf, save_hf, save_peft_adapter
@@ -26,13 +25,6 @@ from xpo_jax.train import Trainer
 
 RANK, ALPHA = 4, 8.0
 CFG = parallel_test_config(lora_rank=RANK, lora_alpha=ALPHA, rounds=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_plots():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "plot_run_curves", lambda *a, **k: None)
-        yield
 
 
 @pytest.fixture(scope="module")
