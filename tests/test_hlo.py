@@ -194,3 +194,38 @@ def test_weight_gathers_in_sampling_loops_synthetic():
     act = dataclasses.replace(ag, opcode="all-gather", operands=[hlo.Array("f32", (1, 64))],
                               results=[hlo.Array("f32", (8, 64))])
     assert not hlo.moves_weight(act, weights) and hlo.moves_weight(ag, weights)
+
+
+# The GPU backend's forms: an asynchronous dynamic-slice fusion (fusion-start / fusion-done, the
+# scan's per-layer weight slice prefetched) and a cuBLAS matmul whose result tuple ends in a
+# workspace. Written as XLA 0.11's GPU compile of bench_round's shape prints them.
+GPU_SYNTHETIC = """
+HloModule gpu_forms, entry_computation_layout={(bf16[24,64,32]{2,1,0}, s32[], bf16[16,64]{1,0})->bf16[16,32]{1,0}}
+
+%fused_slice (p0: bf16[24,64,32], p1: s32[]) -> bf16[1,64,32] {
+  %p0 = bf16[24,64,32]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = bf16[1,64,32]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,64,32}
+}
+
+ENTRY %main (w: bf16[24,64,32], i: s32[], x: bf16[16,64]) -> bf16[16,32] {
+  %w = bf16[24,64,32]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %x = bf16[16,64]{1,0} parameter(2)
+  %fs = ((bf16[24,64,32]{2,1,0}, s32[]), bf16[1,64,32]{2,1,0}, u32[]) fusion-start(%w, %i), kind=kLoop, calls=%fused_slice
+  %fd = bf16[1,64,32]{2,1,0} fusion-done(%fs)
+  %k = bf16[64,32]{1,0} bitcast(%fd)
+  %mm = (bf16[16,32]{1,0}, s8[33554432]{0}) custom-call(%x, %k), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["0"]}}}
+  ROOT %y = bf16[16,32]{1,0} get-tuple-element(%mm), index=0
+}
+"""
+
+
+def test_gpu_async_fusion_and_cublas_matmul_costs():
+    t = hlo.traffic(hlo.parse(GPU_SYNTHETIC), trip_count=hlo.once)
+    layer = 64 * 32 * 2
+    # The slice: its layer read and written (not the whole [24, ...] stack, not twice) and its
+    # s32 index read; the matmul: x and the layer read, the result written (not its workspace).
+    assert t.hbm_bytes == 2 * layer + 4 + (16 * 64 * 2 + layer + 16 * 32 * 2)
+    assert t.flops == t.dot_flops == 2 * 16 * 32 * 64

@@ -3,6 +3,7 @@ CPU devices (data 1 x fsdp 8), its collectives classified, its FLOPs and bytes c
 XLA's own cost analysis, and the ideal's parameter counts against the models'."""
 import dataclasses
 import importlib.util
+import json
 import os
 
 import jax
@@ -20,8 +21,8 @@ TOY = ModelConfig(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2
                   max_seq_len=32, scan_layers=True)
 
 
-def _plan_time():
-    spec = importlib.util.spec_from_file_location("plan_time", os.path.join(ROOT, "experiments", "plan_time.py"))
+def _plan_time(name="plan_time"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -161,3 +162,16 @@ def test_rows():
     for model, t in pt.TENSOR.items():
         m = pt.pm.MODELS[model]
         assert m["n_heads"] % t == 0 and m["mlp_dim"] % t == 0
+
+
+def test_reader_on_a_real_gpu_compile_agrees_with_the_cpu_compile():
+    """experiments/results keeps the HLO of one round compiled by XLA's CPU and by its GPU backend
+    (H200, experiments/hbm_backends.py). Our reader must count the same FLOPs in both (the GPU's
+    matmuls are cuBLAS custom-calls) and charge the GPU's asynchronous weight-slice fusions their
+    slices, not the whole layer stack per decode step (which read 17 TB where the round moves ~1)."""
+    hb = _plan_time("hbm_backends")
+    runs = {b: hb.reread(json.load(open(os.path.join(hb.RESULTS, f"hbm_backends_{b}.json")))) for b in ("cpu", "gpu")}
+    cpu, gpu = runs["cpu"], runs["gpu"]
+    ideal = cpu["ideal"]
+    assert abs(gpu["flops"] / cpu["flops"] - 1) < 0.05 and abs(gpu["flops"] / ideal["flops"] - 1) < 0.1
+    assert ideal["hbm_bytes"] < gpu["hbm_bytes"] < min(cpu["hbm_bytes"], 5 * ideal["hbm_bytes"])

@@ -61,7 +61,10 @@ _COLLECTIVE_OPCODES = {c: c for c in COLLECTIVES} | {c + "-start": c for c in CO
 # Ops that move no data of their own (views, tuples, control flow whose bodies are counted).
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional",
          "call", "after-all", "add-dependency", "partition-id", "replica-id", "opt-barrier",
-         "optimization-barrier", "domain", "iota"} | {c + "-done" for c in COLLECTIVES} | {"async-done"}
+         "optimization-barrier", "domain", "iota", "fusion-done"} | {c + "-done" for c in COLLECTIVES} | {"async-done"}
+# cuBLAS matmuls as the GPU backend writes them: custom-calls whose result tuple ends in a
+# workspace buffer (scratch, not traffic); their FLOPs come from the dot dimensions in backend_config.
+_GEMM_TARGETS = ('"__cublas$gemm"', '"__cublas$lt$matmul"')
 _TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "rsqrt", "sqrt",
                    "cbrt", "tanh", "logistic", "sine", "cosine", "tan", "atan2", "power", "erf"}
 _ELEMENTWISE = _TRANSCENDENTAL | {
@@ -545,7 +548,7 @@ def _walk(module, comp_name, loops, trip_count, phase, phase_class, found) -> di
         elif op == "call" or op.startswith("async-start"):
             for callee in ins.called("to_apply", "calls"):
                 _add(acc, _walk(module, callee, loops, trip_count, phase, phase_class, found))
-        elif op == "fusion":
+        elif op in ("fusion", "fusion-start"):  # fusion-start: the GPU's asynchronous fusion
             for callee in ins.called("calls"):
                 _add(acc, _fused_flops(module, callee))
         _add(acc, _own_cost(module, ins))
@@ -562,9 +565,20 @@ def _collective(module: HloModule, ins: Instr, loops: tuple) -> Collective:
                       float(wire), loops, ins.op_name, tuple(module.stack(ins.frame_id)), module.num_partitions)
 
 
+def _gemm_result(ins: Instr) -> list:
+    """A cuBLAS custom-call's results without its workspace (the tuple's last element)."""
+    return ins.shape[:-1] if len(ins.shape) > 1 else ins.shape
+
+
 def _flops_of(module: HloModule, ins: Instr) -> dict:
     op = ins.opcode
     out = sum(a.size for a in ins.shape)
+    if op == "custom-call" and any(t in ins.attrs for t in _GEMM_TARGETS):
+        lhs = module.instrs[ins.operands[0]].shape[0]
+        m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
+        dims = re.findall(r"\d+", m.group(1)) if m else []
+        f = 2.0 * sum(a.size for a in _gemm_result(ins)) * math.prod(lhs.dims[int(d)] for d in dims)
+        return {("flops",): f, ("dot_flops",): f}
     if op == "dot":
         lhs = module.instrs[ins.operands[0]].shape[0]
         m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
@@ -631,6 +645,16 @@ def _own_cost(module: HloModule, ins: Instr) -> dict:
         return acc
     if op == "fusion":
         acc[("hbm",)] = float(_fusion_bytes(module, ins, out))
+        return acc
+    if op == "fusion-start":
+        # ((operands...), results..., u32[] context): charge the fusion its results only once
+        # (fusion-done, free, hands them over), and its operands as a fusion's.
+        n_in = len(module.operand_shapes(ins))
+        results = ins.shape[n_in:-1] if len(ins.shape) > n_in + 1 else ins.shape[n_in:]
+        acc[("hbm",)] = float(_fusion_bytes(module, ins, sum(a.nbytes for a in results)))
+        return acc
+    if op == "custom-call" and any(t in ins.attrs for t in _GEMM_TARGETS):
+        acc[("hbm",)] = float(sum(a.nbytes for a in _gemm_result(ins)) + sum(a.nbytes for a in module.operand_shapes(ins)))
         return acc
     acc[("hbm",)] = float(out + sum(a.nbytes for a in module.operand_shapes(ins)))
     return acc
