@@ -55,7 +55,8 @@ def time_ours(a) -> dict:
     from xpo_jax.round import make_optimizer, make_round
     from xpo_jax.state import Hyperparams, XPOState
 
-    mc = get_config(a.preset, dtype=a.dtype, param_dtype="float32", max_seq_len=a.prompt_len + a.new_tokens)
+    scan = {} if a.scan_layers is None else {"scan_layers": bool(a.scan_layers)}
+    mc = get_config(a.preset, dtype=a.dtype, param_dtype="float32", max_seq_len=a.prompt_len + a.new_tokens, **scan)
     model, rm = Transformer(mc), RewardModel(mc)
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     params = init_params(mc, k[0])
@@ -140,6 +141,9 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--scan-layers", type=int, choices=[0, 1], default=None,
+                    help="override the preset's scan_layers (0: unrolled decoder layers)")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument("--trl-json", default=None)
     ap.add_argument("--setup-trl", action="store_true")
     ap.add_argument("--skip-trl", action="store_true")
@@ -152,7 +156,7 @@ def main():
     meta = {"date": datetime.date.today().isoformat(), "machine": ours["device"], "shape": vars(a),
             "command": "python experiments/bench_round.py " + " ".join(sys.argv[1:])}
     os.makedirs(RESULTS, exist_ok=True)
-    tag = a.preset + ("" if ours["device"].startswith("CPU") else "_gpu")
+    tag = a.preset + ("" if ours["device"].startswith("CPU") else "_gpu") + (f"_{a.tag}" if a.tag else "")
     with open(os.path.join(RESULTS, f"bench_round_{tag}.json"), "w") as f:
         json.dump({"meta": meta, "ours": ours, "trl": trl, "speedup": ratio}, f, indent=1)
     lines = [

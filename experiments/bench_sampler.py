@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--gpu-batches", default="1,16")
     p.add_argument("--gpu-prompt-len", type=int, default=128)
     p.add_argument("--gpu-new-tokens", type=int, default=128)
+    p.add_argument("--gpu-scan-layers", default="1",
+                   help="comma-separated 1/0: time the decoder with scanned layers (the preset's) and/or "
+                        "unrolled (scanned layers slice each layer's weights out of the stack every step)")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
@@ -287,28 +290,33 @@ def copy_bandwidth(nbytes=1 << 30):
 
 
 def gpu_part(args):
+    import dataclasses
+
     import jax
 
     from xpo_jax.models import get_config, init_params
 
-    config = get_config(args.gpu_preset, dtype="bfloat16", param_dtype="bfloat16")
-    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     bw = copy_bandwidth()
     P, N = args.gpu_prompt_len, args.gpu_new_tokens
     rows = []
-    for B in [int(b) for b in args.gpu_batches.split(",")]:
-        med, med1, times = time_sampler(config, params, B, P, N, args.warmup, args.repeats, jax.devices()[0])
-        S = P + N - 1
-        kv_bytes = 2 * config.n_layers * B * config.n_kv_heads * S * config.head_dim * 2  # bf16
-        step = (med - med1) / (N - 1)
-        floor = (param_bytes + kv_bytes) / bw
-        rows.append(dict(batch=B, median_s=med, prefill_plus_1_s=med1, times_s=times,
-                         tokens_per_s=B * N / med, decode_step_ms=1e3 * step,
-                         floor_ms=1e3 * floor, step_over_floor=step / floor,
-                         param_bytes=int(param_bytes), kv_bytes=int(kv_bytes)))
-        print(f"[gpu] B={B}: {B * N / med:.0f} tok/s, step {1e3 * step:.3f} ms, floor {1e3 * floor:.3f} ms",
-              flush=True)
+    for scan in [bool(int(v)) for v in args.gpu_scan_layers.split(",")]:
+        config = dataclasses.replace(get_config(args.gpu_preset, dtype="bfloat16", param_dtype="bfloat16"),
+                                     scan_layers=scan)
+        params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+        for B in [int(b) for b in args.gpu_batches.split(",")]:
+            med, med1, times = time_sampler(config, params, B, P, N, args.warmup, args.repeats, jax.devices()[0])
+            S = P + N - 1
+            kv_bytes = 2 * config.n_layers * B * config.n_kv_heads * S * config.head_dim * 2  # bf16
+            step = (med - med1) / (N - 1)
+            floor = (param_bytes + kv_bytes) / bw
+            rows.append(dict(batch=B, scan_layers=scan, median_s=med, prefill_plus_1_s=med1, times_s=times,
+                             tokens_per_s=B * N / med, decode_step_ms=1e3 * step,
+                             floor_ms=1e3 * floor, step_over_floor=step / floor,
+                             param_bytes=int(param_bytes), kv_bytes=int(kv_bytes)))
+            print(f"[gpu] scan_layers={scan} B={B}: {B * N / med:.0f} tok/s, step {1e3 * step:.3f} ms, "
+                  f"floor {1e3 * floor:.3f} ms", flush=True)
+        del params
     return dict(preset=args.gpu_preset, dtype="bfloat16", prompt_len=P, new_tokens=N,
                 device=str(jax.devices()[0].device_kind), bandwidth_GBps=bw / 1e9, rows=rows)
 
@@ -401,9 +409,11 @@ def markdown(r):
         a = r["accelerator"]
         lines += ["", f"## Accelerator: {a['device']}, `{a['preset']}` bf16, prompt {a['prompt_len']}, "
                       f"{a['new_tokens']} new tokens; copy bandwidth {a['bandwidth_GBps']:.0f} GB/s", "",
-                  "| batch | tok/s | decode step ms | memory floor ms | step / floor |", "|---|---|---|---|---|"]
+                  "| batch | layers | tok/s | decode step ms | memory floor ms | step / floor |",
+                  "|---|---|---|---|---|---|"]
         for row in a["rows"]:
-            lines.append(f"| {row['batch']} | {row['tokens_per_s']:.0f} | {row['decode_step_ms']:.3f} | "
+            layers = "scanned" if row.get("scan_layers", True) else "unrolled"
+            lines.append(f"| {row['batch']} | {layers} | {row['tokens_per_s']:.0f} | {row['decode_step_ms']:.3f} | "
                          f"{row['floor_ms']:.3f} | {row['step_over_floor']:.2f} |")
     return "\n".join(lines) + "\n"
 
