@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from common import max_diff, no_plots, parallel_test_config  # noqa: F401 (autouse fixture)
 
-from xpo_jax import parallel as par
+from xpo_jax import hlo, parallel as par
 from xpo_jax.cli import main as cli_main
 from xpo_jax.config import TrainConfig
 from xpo_jax.models import lora, quant
@@ -150,6 +150,10 @@ def test_training_moves_only_adapters_and_resume_refuses_another_base(run, train
     with pytest.raises(ValueError, match="lora-base-params changed"):
         Trainer(dataclasses.replace(trained["cfg"], resume=True, rounds=3), run=other).run()
     assert os.path.isdir(os.path.join(trained["cfg"].run_dir, "one", "checkpoints", "2"))
+    # one copy of the base on device: the state's ref_params are the program's placed arrays, alive
+    t = trained["trainer"]
+    pairs = zip(jax.tree_util.tree_leaves(t.state.ref_params), jax.tree_util.tree_leaves(t.program.ref_params))
+    assert all(a is b and not a.is_deleted() for a, b in pairs)
 
 
 def test_mesh_2x2x2_equals_one_device(run, trained, tmp_path):
@@ -162,6 +166,8 @@ def test_mesh_2x2x2_equals_one_device(run, trained, tmp_path):
     assert max_diff(host(t.state.params), trained["state"].params) < 1e-4
     q = t.program.state_sharding.ref_params["model"]["layers_0"]["self_attn"]["q_proj"]
     assert "tensor" in str(q[quant.CODES].spec) and "tensor" in str(q[quant.SCALE].spec)  # columns
+    weights = hlo.weight_shapes(t.program.abstract_state.ref_params, min_size=256)  # the tiny codes too
+    assert hlo.weight_gathers_in_sampling_loops(t.program._step.as_text(), weights) == []
 
 
 def test_quantized_sharding_rules():

@@ -73,17 +73,24 @@ def _quantize_2d(w: np.ndarray, kind: str, block: int) -> tuple[np.ndarray, np.n
     return (q[0::2] | (q[1::2] << 4)).astype(np.uint8), scale
 
 
+def quantized_shapes(shape: Any, kind: str, name: str = "kernel") -> tuple:
+    """(kernel_q, kernel_scale) of a kernel of `shape` [..., in, out] as jax.ShapeDtypeStructs."""
+    if kind not in KINDS:
+        raise ValueError(f"--base-dtype={kind!r}: expected one of {', '.join(KINDS)} for a quantized base")
+    *lead, d_in, d_out = (int(d) for d in shape)
+    block = d_in if kind == "int8" else nf4_block(d_in, name)
+    codes = (*lead, d_in if kind == "int8" else d_in // 2, d_out)
+    return (jax.ShapeDtypeStruct(codes, np.int8 if kind == "int8" else np.uint8),
+            jax.ShapeDtypeStruct((*lead, d_in // block, d_out), np.float32))
+
+
 def quantize(w: Any, kind: str, name: str = "kernel") -> tuple[np.ndarray, np.ndarray]:
     """(kernel_q, kernel_scale) of a kernel [..., in, out] (host numpy, one [in, out] slice at a
     time: a stacked kernel never exists in float64 whole). See the module docstring."""
-    if kind not in KINDS:
-        raise ValueError(f"--base-dtype={kind!r}: expected one of {', '.join(KINDS)} for a quantized base")
     w = np.asarray(w)
-    *lead, d_in, d_out = w.shape
-    block = d_in if kind == "int8" else nf4_block(d_in, name)
-    codes = np.empty((*lead, d_in if kind == "int8" else d_in // 2, d_out), np.int8 if kind == "int8" else np.uint8)
-    scale = np.empty((*lead, d_in // block, d_out), np.float32)
-    for i in np.ndindex(*lead):
+    codes, scale = (np.empty(s.shape, s.dtype) for s in quantized_shapes(w.shape, kind, name))
+    block = w.shape[-2] // scale.shape[-2]
+    for i in np.ndindex(*w.shape[:-2]):
         codes[i], scale[i] = _quantize_2d(w[i], kind, block)
     return codes, scale
 
@@ -112,15 +119,17 @@ def kernel_shape(codes: Any) -> tuple:
 
 def quantize_base(base: Any, kernels: Any, kind: str, _prefix: tuple = ()) -> dict:
     """`base` (nested dicts of arrays) with the kernel at each path of `kernels` (strings like
-    "model/layers/self_attn/q_proj/kernel") replaced by kernel_q and kernel_scale (host numpy);
-    every other leaf as it is."""
+    "model/layers/self_attn/q_proj/kernel") replaced by kernel_q and kernel_scale (host numpy; of
+    a jax.ShapeDtypeStruct kernel, their ShapeDtypeStructs); every other leaf as it is."""
     out: dict = {}
     for k, v in base.items():
         path = "/".join(_prefix + (k,))
         if isinstance(v, Mapping):
             out[k] = quantize_base(v, kernels, kind, _prefix + (k,))
         elif k == "kernel" and path in kernels:
-            out[CODES], out[SCALE] = quantize(jax.device_get(v), kind, path)
+            abstract = isinstance(v, jax.ShapeDtypeStruct)
+            out[CODES], out[SCALE] = (quantized_shapes(v.shape, kind, path) if abstract else
+                                      quantize(jax.device_get(v), kind, path))
         else:
             out[k] = v
     return out
