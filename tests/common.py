@@ -69,6 +69,30 @@ def max_diff(a, b) -> float:
                zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+def host(tree):
+    """`tree` as numpy arrays on the host."""
+    import jax
+    import numpy as np
+
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def train_on_one_device(cfg, run, run_dir) -> dict:
+    """`cfg` (with `run`) trained by a Trainer on one device in `run_dir`/one, saved at the end:
+    dict(trainer, cfg, state on the host)."""
+    import dataclasses
+
+    import jax
+
+    from xpo_jax import parallel as par
+    from xpo_jax.train import Trainer
+
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir), name="one")
+    t = Trainer(cfg, mesh=par.make_mesh(1, 1, devices=jax.devices()[:1]), run=run)
+    t.run()
+    return dict(trainer=t, cfg=cfg, state=host(t.state))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def no_plots():
     """curve.png is not under test where this is imported (autouse) and costs seconds per run."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from common import max_diff, no_plots, parallel_test_config  # noqa: F401 (autouse fixture)
+from common import host, max_diff, no_plots, parallel_test_config, train_on_one_device  # noqa: F401 (autouse fixture)
 
 from xpo_jax import parallel as par
 from xpo_jax.config import TrainConfig
@@ -32,18 +32,10 @@ def run():
     return build_run(CFG)
 
 
-def host(tree):
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
 @pytest.fixture(scope="module")
 def trained(run, tmp_path_factory):
     """Two rounds on one device, saved at the end: (trainer, run dir, final state on the host)."""
-    d = tmp_path_factory.mktemp("lora")
-    cfg = dataclasses.replace(CFG, run_dir=str(d), name="one")
-    t = Trainer(cfg, mesh=par.make_mesh(1, 1, devices=jax.devices()[:1]), run=run)
-    t.run()
-    return dict(trainer=t, cfg=cfg, state=host(t.state))
+    return train_on_one_device(CFG, run, tmp_path_factory.mktemp("lora"))
 
 
 def test_config_validation_and_targets(run):
