@@ -93,6 +93,22 @@ def train_on_one_device(cfg, run, run_dir) -> dict:
     return dict(trainer=t, cfg=cfg, state=host(t.state))
 
 
+def trained_run_fixtures(cfg, name: str):
+    """Module fixtures (`run, trained = trained_run_fixtures(CFG, "lora")`): `run`, the built Run of
+    `cfg`; `trained`, `train_on_one_device` of it in a fresh folder."""
+    @pytest.fixture(scope="module")
+    def run():
+        from xpo_jax.run import build_run
+
+        return build_run(cfg)
+
+    @pytest.fixture(scope="module")
+    def trained(run, tmp_path_factory):
+        return train_on_one_device(cfg, run, tmp_path_factory.mktemp(name))
+
+    return run, trained
+
+
 @pytest.fixture(scope="module", autouse=True)
 def no_plots():
     """curve.png is not under test where this is imported (autouse) and costs seconds per run."""

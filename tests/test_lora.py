@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from common import host, max_diff, no_plots, parallel_test_config, train_on_one_device  # noqa: F401 (autouse fixture)
+from common import host, max_diff, no_plots, parallel_test_config, trained_run_fixtures  # noqa: F401 (autouse fixture)
 
 from xpo_jax import parallel as par
 from xpo_jax.config import TrainConfig
@@ -27,15 +27,7 @@ RANK, ALPHA = 4, 8.0
 CFG = parallel_test_config(lora_rank=RANK, lora_alpha=ALPHA, rounds=2)
 
 
-@pytest.fixture(scope="module")
-def run():
-    return build_run(CFG)
-
-
-@pytest.fixture(scope="module")
-def trained(run, tmp_path_factory):
-    """Two rounds on one device, saved at the end: (trainer, run dir, final state on the host)."""
-    return train_on_one_device(CFG, run, tmp_path_factory.mktemp("lora"))
+run, trained = trained_run_fixtures(CFG, "lora")  # two rounds on one device, saved at the end
 
 
 def test_config_validation_and_targets(run):

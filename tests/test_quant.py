@@ -11,13 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from common import host, max_diff, no_plots, parallel_test_config, train_on_one_device  # noqa: F401 (autouse fixture)
+from common import host, max_diff, no_plots, parallel_test_config, trained_run_fixtures  # noqa: F401 (autouse fixture)
 
 from xpo_jax import hlo, parallel as par
 from xpo_jax.cli import main as cli_main
 from xpo_jax.config import TrainConfig
 from xpo_jax.models import lora, quant
+from xpo_jax.models.hf import load_hf, save_hf
 from xpo_jax.models.lora import LoraDense
+from xpo_jax.models.transformer import get_config, init_params
 from xpo_jax.parallel import Layout
 from xpo_jax.round import completion_logits_fn, policy_params_fn
 from xpo_jax.run import build_run
@@ -97,14 +99,7 @@ def test_bad_base_dtype_is_one_clear_line(capsys):
 # -- a QLoRA run ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def run():
-    return build_run(CFG)
-
-
-@pytest.fixture(scope="module")
-def trained(run, tmp_path_factory):
-    return train_on_one_device(CFG, run, tmp_path_factory.mktemp("qlora"))
+run, trained = trained_run_fixtures(CFG, "qlora")  # two rounds on one device, saved at the end
 
 
 def test_state_is_adapters_on_a_quantized_base(run):
@@ -178,3 +173,22 @@ def test_quantized_sharding_rules():
     decoded = jax.jit(lambda t: lay.decode_params(t, jnp.bfloat16))(
         {"o_proj": {quant.CODES: jnp.zeros((64, 32), jnp.uint8), quant.SCALE: jnp.ones((1, 32))}})
     assert decoded["o_proj"][quant.CODES].dtype == jnp.uint8 and decoded["o_proj"][quant.SCALE].dtype == jnp.float32
+
+
+def test_hf_load_quantizes_on_the_host_and_save_writes_the_dequantized_base(tmp_path):
+    """load_hf(quantize=) gives quantize_base's codes and scales (whole, or straight into their
+    shardings on a 2 x 2 x 2 mesh); save_hf of a quantized base + adapters writes W_deq + s A B."""
+    config = get_config("test", scan_layers=True)
+    base = host(jax.jit(init_params, static_argnums=0)(config, jax.random.PRNGKey(1)))
+    save_hf(tmp_path / "float", config, base)
+    want = quant.quantize_base(base, lora.adaptable_kernels(base), "nf4")
+    _, q, _ = load_hf(tmp_path / "float", overrides={"scan_layers": True}, quantize="nf4")
+    assert jax.tree_util.tree_structure(q) == jax.tree_util.tree_structure(want) and max_diff(q, want) == 0.0
+    shardings = Layout(par.make_mesh(2, 2, 2)).param_fn()
+    _, sharded, _ = load_hf(tmp_path / "float", overrides={"scan_layers": True}, quantize="nf4", shardings=shardings)
+    assert max_diff(sharded, want) == 0.0
+    ad = lora.init_adapters(q, 4, lora.DEFAULT_TARGETS, jax.random.PRNGKey(2))
+    ad = jax.tree_util.tree_map(lambda x: x + 0.1, ad)  # lora_b nonzero
+    save_hf(tmp_path / "merged", config, q, adapters=ad, lora_alpha=8.0)
+    _, merged, _ = load_hf(tmp_path / "merged", overrides={"scan_layers": True})
+    assert max_diff(merged, lora.merged(q, ad, 2.0)) < 1e-6
