@@ -15,6 +15,7 @@ imports nothing of xpo_jax (multi-host plumbing is `xpo_jax.distributed`).
                 elements) split on its largest remaining dimension that F divides. The reference,
                 the reward model and the optimiser state follow the same rules (a function of
                 the parameter's path and shape, so Adam's mu/nu get their parameter's sharding).
+                A quantized kernel's codes and scales (QLoRA) are split as their kernel.
     batch     : rows split over ("data", "fsdp") jointly: D*F shards of B/(D*F) prompts, whole
                 on every "tensor" device. Each host builds only its own rows (`host_rows`) and
                 `shard_batch` assembles the global array with

@@ -6,7 +6,9 @@ training program (`make_train`) and sweeps read a Run through this contract and 
     cfg            the validated TrainConfig
     apply_fn       the policy module's `apply` (a module with `hidden`, `head`, `init_cache`,
                    `prefill` and `decode`: the decoder, or any policy of that interface)
-    ref_params     the frozen reference parameters; the policy starts as a copy of them
+    ref_params     the frozen reference parameters; the policy starts as a copy of them (LoRA:
+                   the frozen base the adapters sit on; --base-dtype int8 / nf4: its
+                   projection kernels quantized on the host, `xpo_jax.models.quant`)
     prompt_len, max_new_tokens    the static shapes of a round: prompts [B, P], responses [B, N]
     eos_id, pad_id the response tokens' end and padding
     tx, fns        derived from cfg: the optax optimiser, and `RoundFns` (make_pairs, update,
