@@ -597,7 +597,7 @@ def lora_analysis(rows: list) -> list:
     out += [
         "",
         "- **What fits.** On 8 devices (fsdp 8, the plan's batch) every variant fits 32 GiB (LoRA bf16 29.7 GiB: "
-        "marginal; QLoRA int8 / nf4 25.6 / 25.3 GiB), none 16 GiB: the per-device arguments are 2.5-3.7 GiB, the rest "
+        "marginal; QLoRA int8 / nf4 26.5 / 25.7 GiB: each device dequantizes whole layers, after gathering their codes), none 16 GiB: the per-device arguments are 2.5-3.7 GiB, the rest "
         "is the round's activations for 8 prompts x 768 tokens per device. On 1 device the plan's batch of 64 fits "
         "nothing (144-184 GiB); at 8 prompts QLoRA fits an 80 GiB H100 (int8 64.5, nf4 61.7 GiB) and LoRA does not "
         "(97.0 GiB).",

@@ -170,6 +170,11 @@ def test_quantized_sharding_rules():
     assert dspec("model/layers/mlp/down_proj/kernel_q", (2, 7168, 4096)) == P(None, ("fsdp", "tensor"))
     assert dspec("model/layers/mlp/down_proj/kernel_scale", (2, 224, 4096)) == P(None, ("fsdp", "tensor"))
     assert dspec("model/layers/mlp/down_proj/kernel_scale", (2, 2, 4096)) == P()  # whole: every shard's scales
+    # training: the codes are gathered over fsdp (tensor split kept) before they are dequantized
+    codes = jax.device_put(jnp.zeros((64, 32), jnp.uint8), jax.sharding.NamedSharding(lay.mesh, P("tensor", "fsdp")))
+    with lay.activations(par.TRAIN):
+        pinned = jax.jit(lambda c: par.pin_codes_gathered(c, ("model", "o_proj", quant.CODES)))(codes)
+    assert pinned.sharding.spec == P("tensor")
     decoded = jax.jit(lambda t: lay.decode_params(t, jnp.bfloat16))(
         {"o_proj": {quant.CODES: jnp.zeros((64, 32), jnp.uint8), quant.SCALE: jnp.ones((1, 32))}})
     assert decoded["o_proj"][quant.CODES].dtype == jnp.uint8 and decoded["o_proj"][quant.SCALE].dtype == jnp.float32

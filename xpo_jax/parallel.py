@@ -249,6 +249,20 @@ def pin_columns(x: Array, logits: bool = False) -> Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
 
 
+def pin_codes_gathered(x: Array, path: Sequence[str]) -> Array:
+    """Training only: a quantized kernel's codes or scales at `path` (one layer, inside the model)
+    constrained to their parameter sharding without "fsdp". FSDP's all-gather then moves the codes
+    (1 or 0.5 byte a weight) and each device dequantizes the whole kernel; unconstrained, XLA
+    dequantizes each shard and gathers floats. Identity elsewhere (decoding and prefill read the
+    decode layout, which is never gathered)."""
+    active = ACTIVATIONS.get()
+    if active is None or active[1] != TRAIN:
+        return x
+    layout = active[0]
+    spec = [None if a == FSDP else a for a in layout.param_spec(path, x.shape)]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, P(*spec)))
+
+
 def pin_rows(x: Array) -> Array:
     """`x` [B, ...] split by rows over data x fsdp in any mode (the sampler's logits [B, V]: each
     device draws the tokens of its own rows). Identity outside a `Layout.activations` region."""

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xpo_jax.models import quant
+from xpo_jax.parallel import pin_codes_gathered
 
 Array = jax.Array
 
@@ -48,7 +49,8 @@ class LoraDense(nn.Dense):
     QLoRA: parameters holding `kernel_q` / `kernel_scale` (`xpo_jax.models.quant`) in place of
     `kernel` are dequantized here, in this layer's forward, and the result is nn.Dense's on the
     dequantized kernel. Under `jax.checkpoint`: the backward dequantizes again rather than keep
-    the float kernel (with scan_layers, one layer's float kernel is alive at a time)."""
+    the float kernel (with scan_layers, one layer's float kernel is alive at a time). Training on
+    an FSDP mesh gathers the codes, not the floats (`parallel.pin_codes_gathered`)."""
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
@@ -69,8 +71,12 @@ class LoraDense(nn.Dense):
         codes, scale = self.get_variable("params", quant.CODES), self.get_variable("params", quant.SCALE)
         bias = self.get_variable("params", "bias") if self.use_bias else None
 
+        where = ("model", self.name or "dense")  # the codes' parameter rule (tensor split kept, fsdp gathered)
+        gathered = lambda leaf, v: pin_codes_gathered(v, where + (leaf,))
+
         @jax.checkpoint
         def dense(inputs, codes, scale, bias):
+            codes, scale = gathered(quant.CODES, codes), gathered(quant.SCALE, scale)
             x, kernel, bias = self.promote_dtype(inputs, quant.dequantize(codes, scale), bias, dtype=self.dtype)
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
             return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
