@@ -92,6 +92,9 @@ DEVICES = (8, 32, 64)
 VARIANTS = (("f32", "none", 1), ("bf16", "none", 1), ("bf16", "block", 1), ("bf16", "matmuls", 1))
 DEVICE_GIB = {"v5e": 16, "v4": 32, "H100": 80, "v5p": 95}
 BATCH, PROMPT, NEW = 64, 512, 256
+# LoRA / QLoRA rows: rank 16 on the default targets over a base stored as (--base-dtype)
+LORA_RANK, LORA_SMALL_BATCH = 16, 8
+LORA_BASES = {"bf16": "bfloat16", "int8": "int8", "nf4": "nf4"}
 
 
 def model_config(name: str, **overrides):
@@ -109,7 +112,7 @@ def model_config(name: str, **overrides):
 def lower_round(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, compute_dtype: str = "float32",
                 param_dtype: str = "float32", ref_dtype: str = "float32", reward_dtype: str = "float32",
                 remat: str = "none", micro_batches: int = 1, reward_config=None,
-                constrain_activations: bool = False):
+                constrain_activations: bool = False, lora_rank: int = 0, base_dtype: str = "auto"):
     """Lower the fused round for `config` (the policy's ModelConfig; its dtype fields are replaced
     by the arguments) on `mesh`, on abstract sharded inputs. Returns (lowered, parts): parts holds
     the abstract state and reward-model parameters (ShapeDtypeStructs carrying their shardings,
@@ -123,7 +126,12 @@ def lower_round(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, c
     mask and every layer's input and output hidden states [B, T, D] are pinned to the batch
     sharding (rows over data x fsdp) with `with_sharding_constraint`, by wrapping
     `Decoder.__call__` / `Decoder.extend` / `DecoderLayer.__call__` for this compile only.
-    Without it XLA's sharding propagation is free to lay activations out as it likes."""
+    Without it XLA's sharding propagation is free to lay activations out as it likes.
+
+    `lora_rank` > 0: a LoRA run (default targets), as the library builds it: the state's params
+    and Adam's moments are the adapters (`lora.init_adapters`, `param_dtype`), its ref_params the
+    frozen base in `ref_dtype`, or with `base_dtype` int8 / nf4 its projections quantized
+    (`quant.quantize_base` on the abstract shapes: QLoRA)."""
     import jax
     import jax.numpy as jnp
 
@@ -134,10 +142,13 @@ def lower_round(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, c
     from xpo_jax.round import make_optimizer, make_round
     from xpo_jax.state import Hyperparams, initial_state
 
+    from xpo_jax.models import lora, quant
+
     cfg = TrainConfig(batch_size=batch, max_new_tokens=new_tokens, max_prompt_length=prompt_len,
                       micro_batches=micro_batches, compute_dtype=compute_dtype, param_dtype=param_dtype,
                       ref_dtype=ref_dtype, reward_dtype=reward_dtype, remat=remat, scan_layers=True,
-                      exploration_mix=1.0, bonus="clip", bradley_terry=True)
+                      exploration_mix=1.0, bonus="clip", bradley_terry=True, lora_rank=lora_rank,
+                      base_dtype=base_dtype).validate()
     pol = dataclasses.replace(config, dtype=compute_dtype, param_dtype=ref_dtype, remat=remat, scan_layers=True)
     rm_cfg = dataclasses.replace(reward_config or config, dtype=compute_dtype, param_dtype=reward_dtype,
                                  remat="none", scan_layers=True)
@@ -149,12 +160,16 @@ def lower_round(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, c
                      lr_schedule=schedule, layout=layout)
 
     key0 = jax.random.PRNGKey(0)
-    ref_shapes = jax.eval_shape(lambda k: init_params(pol, k), key0)  # stored in ref_dtype
+    ref_shapes = float_shapes = jax.eval_shape(lambda k: init_params(pol, k), key0)  # stored in ref_dtype
+    if cfg.base_quantization():
+        ref_shapes = quant.quantize_base(ref_shapes, lora.adaptable_kernels(ref_shapes), cfg.base_quantization())
     rm_shapes = jax.eval_shape(lambda k: init_reward_params(rm_cfg, k), key0)
     hp = Hyperparams.from_config(cfg)
+    adapters = lambda key, ref: (lora.init_adapters(ref, lora_rank, cfg.lora_targets, key, param_dtype)
+                                 if lora_rank else None)
     init = lambda key, hparams, ref: initial_state(cfg, apply_fn=model.apply, ref_params=ref, tx=tx, key=key,
                                                    hparams=hparams, prompt_len=prompt_len, max_new_tokens=new_tokens,
-                                                   param_dtype=param_dtype)
+                                                   param_dtype=param_dtype, params=adapters(key, ref))
     state_shapes = jax.eval_shape(init, key0, hp, ref_shapes)
     st = layout.state(state_shapes)
     state = layout.abstract_state(state_shapes)
@@ -175,7 +190,8 @@ def lower_round(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, c
         state=state, reward_params=rm_params, lower_s=time.perf_counter() - t0,
         # Whole (unsharded) sizes, for reading the per-device numbers against.
         global_state_bytes=nbytes(state_shapes), global_reward_model_bytes=nbytes(rm_shapes),
-        global_params=int(sum(x.size for x in jax.tree_util.tree_leaves(ref_shapes))),
+        global_params=int(sum(x.size for x in jax.tree_util.tree_leaves(float_shapes))),
+        global_base_bytes=nbytes(ref_shapes), global_trained_bytes=nbytes(state_shapes.params),
     )
     return lowered, parts
 
@@ -208,7 +224,8 @@ def plan(config, mesh, *, batch: int, prompt_len: int, new_tokens: int, compiler
     lowered, parts = lower_round(config, mesh, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, **kwargs)
     compiled, timing = compile_lowered(lowered, compiler_options)
     out = dict(lower_s=parts["lower_s"], **timing, **memory_of(compiled))
-    out.update({k: parts[k] for k in ("global_state_bytes", "global_reward_model_bytes", "global_params")})
+    out.update({k: parts[k] for k in ("global_state_bytes", "global_reward_model_bytes", "global_params",
+                                      "global_base_bytes", "global_trained_bytes")})
     return out
 
 
@@ -259,8 +276,11 @@ class _batch_constrained_layers:
 
 
 def row_id(r: dict) -> str:
+    lora = f"|lora{r['lora']}-{r['base']}" if r.get("lora") else ""
+    batch = f"|B{r['batch']}" if r.get("batch", BATCH) != BATCH else ""
     return (f"{r['model']}|{r['devices']}|{r['precision']}|{r['remat']}|mb{r['micro_batches']}"
-            f"|{'pinned' if r.get('pinned') else 'as-is'}|O{r.get('opt', 0) if r.get('opt') is not None else 'default'}")
+            f"|{'pinned' if r.get('pinned') else 'as-is'}|O{r.get('opt', 0) if r.get('opt') is not None else 'default'}"
+            f"{lora}{batch}")
 
 
 def child(spec: dict) -> dict:
@@ -272,9 +292,10 @@ def child(spec: dict) -> dict:
     assert jax.device_count() == n, (jax.device_count(), n)
     mesh = par.make_mesh(data=1, fsdp=n, devices=jax.devices())
     config = model_config(spec["model"])
-    res = plan(config, mesh, batch=BATCH, prompt_len=PROMPT, new_tokens=NEW, remat=spec["remat"],
+    lora = dict(lora_rank=spec["lora"], base_dtype=LORA_BASES[spec["base"]]) if spec.get("lora") else {}
+    res = plan(config, mesh, batch=spec.get("batch", BATCH), prompt_len=PROMPT, new_tokens=NEW, remat=spec["remat"],
                micro_batches=spec["micro_batches"], constrain_activations=spec.get("pinned", False),
-               **PRECISIONS[spec["precision"]])
+               **PRECISIONS[spec["precision"]], **lora)
     return {**spec, "mesh": f"data=1 x fsdp={n}", **res, "jax": jax.__version__}
 
 
@@ -304,7 +325,19 @@ def all_rows() -> list[dict]:
             if model == big:
                 rows += [row(big, n, "bf16", "block", 4), row(big, n, "bf16", "block", pinned=True),
                          row(big, n, "bf16", "block", 4, pinned=True)]
-    return rows + last
+    return rows + last + lora_rows()
+
+
+def lora_rows() -> list[dict]:
+    """LoRA (rank 16, default targets, bf16 base) and QLoRA (int8 / nf4 base) rows of Llama-3-8B,
+    bf16 compute, block remat, on 1 device and on 8 (fsdp 8): the plan's batch, and on 1 device
+    also LORA_SMALL_BATCH prompts (the plan's 64 leave no single device a chance)."""
+    rows = []
+    for n, batch in ((8, BATCH), (1, BATCH), (1, LORA_SMALL_BATCH)):
+        for base in LORA_BASES:
+            rows.append(dict(model="Llama-3-8B", devices=n, precision="bf16", remat="block", micro_batches=1,
+                             pinned=False, opt=0, lora=LORA_RANK, base=base, batch=batch))
+    return rows
 
 
 def load_done(path: str = JSONL, key=None) -> dict:
@@ -359,7 +392,7 @@ def main_loop(a) -> None:
         os.remove(JSONL)
     done = load_done()
     rows = [r for r in all_rows() if (not a.models or r["model"] in a.models) and
-            (not a.devices or r["devices"] in a.devices)]
+            (not a.devices or r["devices"] in a.devices) and (not a.lora or r.get("lora"))]
     start = time.time()
     budget = a.budget_min * 60.0
     per_model: dict[str, float] = {}  # the longest row seen per model: the next one's estimate
@@ -406,7 +439,7 @@ def analysis(rows: list) -> list:
     """The answer to the target, a summary, what stands in the way and the caveats (markdown
     lines). Numbers come from the finished rows; the buffer breakdowns quoted were read with
     `--breakdown` on the target row, as is and pinned."""
-    ok = [r for r in rows if "error" not in r and r.get("opt") is not None]
+    ok = [r for r in rows if "error" not in r and r.get("opt") is not None and not r.get("lora")]
 
     def find(model, n, prec, remat, mb=1, pinned=False):
         for r in ok:
@@ -516,6 +549,7 @@ def analysis(rows: list) -> list:
         "and y~; block remat: 32 x 2 x 768 x 4096 x 2 B = 0.4 GiB), the logits and the KV caches: a few GiB "
         "rather than 12 (arithmetic, not a measured row).",
         "",
+        *lora_analysis(rows),
         "## What a CPU compile can and cannot tell about a TPU or GPU",
         "",
         "- **Exact (up to layout padding)**: arguments, outputs and aliasing are the sharded sizes of the state, "
@@ -537,6 +571,47 @@ def analysis(rows: list) -> list:
         "- **Not measured**: speed. The as-is layouts move activation-sized data between devices every layer "
         "(tensor parallelism over 64 devices), the pinned ones weight-sized data (FSDP); which is faster on a "
         "given interconnect is for a device run to say.",
+    ]
+    return out
+
+
+def lora_analysis(rows: list) -> list:
+    """The LoRA / QLoRA rows (`lora_rows`) as one table: what fits 16, 32 and 80 GiB."""
+    lr = [r for r in rows if r.get("lora") and "error" not in r]
+    if not lr:
+        return []
+    g = lambda b: f"{b / GIB:.2f}"
+    out = ["## LoRA and QLoRA: Llama-3-8B on 1 and 8 devices", "",
+           f"Rank {LORA_RANK} adapters on every projection (q/k/v/o, gate/up/down), float32 adapters and Adam, "
+           "bfloat16 compute, block remat, one update; the frozen base (= the reference) stored in bfloat16 "
+           "(LoRA) or with its projections quantized (QLoRA: `--base-dtype int8 | nf4`; embeddings, norms and "
+           "the LM head bfloat16); the reward model is the plan's bfloat16 policy-shaped one (15.0 GiB whole). "
+           "state = the adapters and Adam; base and RM whole sizes; per-device GiB as above.", "",
+           "| devices | B | base | trained (whole) | base (whole) | arg | temp | **total** | fits 16 | fits 32 | "
+           "fits 80 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    yes = lambda r, gib: "yes" if r["total_bytes"] <= gib * GIB else "no"
+    for r in sorted(lr, key=lambda r: (r["devices"], -r.get("batch", BATCH), list(LORA_BASES).index(r["base"]))):
+        out.append(f"| {r['devices']} | {r.get('batch', BATCH)} | {r['base']} | {g(r['global_trained_bytes'])} | "
+                   f"{g(r['global_base_bytes'])} | {g(r['argument_bytes'])} | {g(r['temp_bytes'])} | "
+                   f"**{g(r['total_bytes'])}** | {yes(r, 16)} | {yes(r, 32)} | {yes(r, 80)} |")
+    out += [
+        "",
+        "- **What fits.** On 8 devices (fsdp 8, the plan's batch) every variant fits 32 GiB (LoRA bf16 29.7 GiB: "
+        "marginal; QLoRA int8 / nf4 26.5 / 25.7 GiB: each device dequantizes whole layers, after gathering their codes), none 16 GiB: the per-device arguments are 2.5-3.7 GiB, the rest "
+        "is the round's activations for 8 prompts x 768 tokens per device. On 1 device the plan's batch of 64 fits "
+        "nothing (144-184 GiB); at 8 prompts QLoRA fits an 80 GiB H100 (int8 64.5, nf4 61.7 GiB) and LoRA does not "
+        "(97.0 GiB).",
+        "- **Where the bytes are** (`--breakdown` of the 1-device B=8 rows, 2026-12-04). The quantized base saves "
+        "what its storage says (arguments 29.4 -> 22.9 -> 20.1 GiB: 15.0 GiB of bf16 base -> 8.5 int8 -> 5.6 nf4; "
+        "the bf16 reward model is the other 14.0 GiB) and, on this CPU compile, more temporaries too: the largest "
+        "temporaries are float32 copies of whole bfloat16 layer stacks (f32[32, 4096, 14336], f32[32, 14336, "
+        "4096], f32[32, 4096, 4096] ...; 26 GiB per 8B model), which the CPU backend makes for its dots (it has "
+        "no bfloat16 dot) and hoists out of the layer scan. The LoRA bf16 row has them for the base and for the "
+        "reward model (67.6 GiB of temporaries), the QLoRA rows only for the reward model (41.6 GiB): the "
+        "quantized kernels dequantize inside the scan, one layer at a time. A GPU or TPU does bfloat16 dots "
+        "natively: without those copies the B=8 rows would need about 45 GiB (LoRA) and 38 GiB (QLoRA) -- an 80 "
+        "GiB device with room, still not a 32 GiB one (arithmetic from the breakdown, not a measured row).",
+        "",
     ]
     return out
 
@@ -589,15 +664,16 @@ def report(a) -> None:
         "`python experiments/plan_memory.py --breakdown '{\"model\": \"Llama-3-8B\", \"devices\": 64, "
         "\"precision\": \"bf16\", \"remat\": \"block\"}'`.",
         "",
-        "| model | params | devices | mesh | precision | remat | mb | activations | arg | out | temp | alias | "
+        "| model | params | devices | mesh | precision | remat | mb | LoRA | B | activations | arg | out | temp | alias | "
         "**total** | fits | lower s | compile s | XLA opt | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         act = "pinned (what-if)" if r.get("pinned") else "as is"
         opt = "default" if r.get("opt") is None else str(r["opt"])
+        lora = f"r{r['lora']}, {r['base']} base" if r.get("lora") else "-"
         head = (f"| {r['model']} | {{params}} | {r['devices']} | data=1 x fsdp={r['devices']} | {r['precision']} | "
-                f"{r['remat']} | {r['micro_batches']} | {act} |")
+                f"{r['remat']} | {r['micro_batches']} | {lora} | {r.get('batch', BATCH)} | {act} |")
         if "error" in r:
             lines.append(head.format(params="") + f" | | | | failed: {r['error'][:160]} | | | | {opt} | |")
             continue
@@ -640,6 +716,7 @@ def main(argv=None) -> None:
     p.add_argument("--row-timeout", type=float, default=1200.0, help="seconds before a row's compile is killed")
     p.add_argument("--models", nargs="*", choices=list(MODELS), help="only these models")
     p.add_argument("--devices", nargs="*", type=int, help="only these device counts")
+    p.add_argument("--lora", action="store_true", help="only the LoRA / QLoRA rows (`lora_rows`)")
     p.add_argument("--fresh", action="store_true", help="forget the finished rows (delete the JSONL)")
     p.add_argument("--report", action="store_true", help="only rewrite the .md/.json from the JSONL")
     p.add_argument("--breakdown", metavar="JSON", help="compile one row spec, e.g. '{\"model\": \"Llama-3-8B\", "

@@ -197,8 +197,15 @@ def row(model: str, devices: int, tensor: int = 1, batch: int = BATCH, prompt: i
 
 
 def row_id(r: dict) -> str:
+    lora = f"|lora{r['lora']}-{r['base']}" if r.get("lora") else ""
     return (f"{r['model']}|{r['devices']}|t{r['tensor']}|B{r['batch']}|P{r['prompt']}|N{r['new']}|{r['precision']}"
-            f"|{r['remat']}|mb{r['micro_batches']}|O{'default' if r.get('opt') is None else r['opt']}")
+            f"|{r['remat']}|mb{r['micro_batches']}|O{'default' if r.get('opt') is None else r['opt']}{lora}")
+
+
+def lora_rows() -> list:
+    """LoRA / QLoRA rows (`--lora`; plan_memory's rank and bases): Llama-3-8B on 8 devices, fsdp
+    only. Not in `all_rows`: `ideal` models full fine-tuning, so they get a table of their own."""
+    return [dict(row("Llama-3-8B", 8), lora=pm.LORA_RANK, base=base) for base in pm.LORA_BASES]
 
 
 def all_rows() -> list:
@@ -232,9 +239,10 @@ def child(spec: dict) -> dict:
     else:
         mesh = par.make_mesh(data=1, fsdp=n, devices=jax.devices())
     config = pm.model_config(spec["model"])
+    lora = dict(lora_rank=spec["lora"], base_dtype=pm.LORA_BASES[spec["base"]]) if spec.get("lora") else {}
     lowered, parts = pm.lower_round(config, mesh, batch=spec["batch"], prompt_len=spec["prompt"],
                                     new_tokens=spec["new"], remat=spec["remat"],
-                                    micro_batches=spec["micro_batches"], **pm.PRECISIONS[spec["precision"]])
+                                    micro_batches=spec["micro_batches"], **pm.PRECISIONS[spec["precision"]], **lora)
     opts = None if spec.get("opt") is None else {"xla_backend_optimization_level": spec["opt"]}
     compiled, timing = pm.compile_lowered(lowered, opts)
     t0 = time.perf_counter()
@@ -243,7 +251,8 @@ def child(spec: dict) -> dict:
         with open(spec["hlo_out"], "w") as f:
             f.write(text)
     res = measure(text, compiled.cost_analysis(), parts, spec["new"])
-    return {**spec, "mesh": f"data=1 x fsdp={n // t}" + (f" x tensor={t}" if t > 1 else ""),
+    lora_note = f", LoRA r{spec['lora']} {spec['base']} base" if spec.get("lora") else ""
+    return {**spec, "mesh": f"data=1 x fsdp={n // t}" + (f" x tensor={t}" if t > 1 else "") + lora_note,
             "lower_s": parts["lower_s"], **timing, "parse_s": time.perf_counter() - t0, **pm.memory_of(compiled),
             "global_params": parts["global_params"], **res, "jax": jax.__version__}
 
@@ -292,7 +301,7 @@ def main_loop(a) -> None:
     if a.fresh and os.path.exists(JSONL):
         os.remove(JSONL)
     done = pm.load_done(JSONL, row_id)
-    rows = [r for r in all_rows() if (not a.models or r["model"] in a.models)
+    rows = [r for r in (lora_rows() if a.lora else all_rows()) if (not a.models or r["model"] in a.models)
             and (not a.devices or r["devices"] in a.devices)]
     have_tensor = tensor_available()
     for spec in rows:
@@ -339,11 +348,12 @@ def _s(x) -> str:
 
 def report(a=None) -> None:
     done = pm.load_done(JSONL, row_id)
-    order = {row_id(r): i for i, r in enumerate(all_rows())}
+    order = {row_id(r): i for i, r in enumerate(all_rows() + lora_rows())}
     rows = sorted(done.values(), key=lambda r: order.get(row_id(r), 1e9))
     have_tensor = tensor_available()
     missing = [r for r in all_rows() if row_id(r) not in done]
-    ok = [r for r in rows if "error" not in r]
+    lora = [r for r in rows if "error" not in r and r.get("lora")]
+    ok = [r for r in rows if "error" not in r and not r.get("lora")]
     L = [
         "# Time plan by simulation: collectives, FLOPs and memory traffic of the fused XPO round",
         "",
@@ -429,6 +439,7 @@ def report(a=None) -> None:
                  f"{e['s_v5e'] / i['s_v5e']:.0f}x |")
     before = [r for r in pm.load_done(os.path.join(RESULTS, "plan_time_before.jsonl"), row_id).values()
               if "error" not in r]
+    L += lora_table(lora)
     L += analysis(ok, before)
     with open(os.path.join(RESULTS, "plan_time.md"), "w") as f:
         f.write("\n".join(L) + "\n")
@@ -438,6 +449,24 @@ def report(a=None) -> None:
                        ideals={row_id(r): ideal(r["model"], r["devices"], r["batch"], r["prompt"], r["new"]) for r in ok}),
                   f, indent=1)
     print("\n".join(L))
+
+
+def lora_table(rows: list) -> list:
+    """The LoRA / QLoRA rows' time estimates (markdown lines; no ideal: `ideal` is full fine-tuning's)."""
+    if not rows:
+        return []
+    out = ["", "## LoRA and QLoRA (Llama-3-8B, 8 devices, fsdp only; `--lora`)", "",
+           "Rank 16 adapters on every projection; the frozen base in bf16 (LoRA) or quantized (QLoRA); everything "
+           "else as above. No ideal column: `ideal` counts full fine-tuning's optimiser and gradient traffic.", "",
+           "| mesh | TFLOP / device | HBM GB / device | wire GB / device | collectives GB | training GB | "
+           "v5e s | v5p s | H100 s | memory GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = estimate(r)
+        cells = " | ".join(f"{_s(e[f's_{c}'])} {e[f'bound_{c}'][0].upper()}" for c in CHIPS)
+        out.append(f"| {r['mesh']} | {r['flops'] / 1e12:,.1f} | {_gb(r['hbm_bytes'])} | {_gb(r['wire_bytes'])} | "
+                   f"{_gb(r['collective_bytes'])} | {_gb(r['bytes_by_class']['training'])} | {cells} | "
+                   f"{r['total_bytes'] / 2 ** 30:.2f} |")
+    return out
 
 
 def _mesh(r: dict) -> str:
@@ -610,6 +639,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="*", choices=list(pm.MODELS), help="only these models")
     p.add_argument("--devices", nargs="*", type=int, help="only these device counts")
     p.add_argument("--fresh", action="store_true", help="forget the finished rows (delete the JSONL)")
+    p.add_argument("--lora", action="store_true", help="run only the LoRA / QLoRA rows (`lora_rows`)")
     p.add_argument("--hlo-dir", help="also write each row's per-device HLO text into this folder")
     p.add_argument("--report", action="store_true", help="only rewrite the .md/.json from the JSONL")
     p.add_argument("--show", metavar="ROW_ID", help="print one finished row's largest collectives")

@@ -69,6 +69,46 @@ def max_diff(a, b) -> float:
                zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+def host(tree):
+    """`tree` as numpy arrays on the host."""
+    import jax
+    import numpy as np
+
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def train_on_one_device(cfg, run, run_dir) -> dict:
+    """`cfg` (with `run`) trained by a Trainer on one device in `run_dir`/one, saved at the end:
+    dict(trainer, cfg, state on the host)."""
+    import dataclasses
+
+    import jax
+
+    from xpo_jax import parallel as par
+    from xpo_jax.train import Trainer
+
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir), name="one")
+    t = Trainer(cfg, mesh=par.make_mesh(1, 1, devices=jax.devices()[:1]), run=run)
+    t.run()
+    return dict(trainer=t, cfg=cfg, state=host(t.state))
+
+
+def trained_run_fixtures(cfg, name: str):
+    """Module fixtures (`run, trained = trained_run_fixtures(CFG, "lora")`): `run`, the built Run of
+    `cfg`; `trained`, `train_on_one_device` of it in a fresh folder."""
+    @pytest.fixture(scope="module")
+    def run():
+        from xpo_jax.run import build_run
+
+        return build_run(cfg)
+
+    @pytest.fixture(scope="module")
+    def trained(run, tmp_path_factory):
+        return train_on_one_device(cfg, run, tmp_path_factory.mktemp(name))
+
+    return run, trained
+
+
 @pytest.fixture(scope="module", autouse=True)
 def no_plots():
     """curve.png is not under test where this is imported (autouse) and costs seconds per run."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from common import max_diff, no_plots, parallel_test_config  # noqa: F401 (autouse fixture)
+from common import host, max_diff, no_plots, parallel_test_config, trained_run_fixtures  # noqa: F401 (autouse fixture)
 
 from xpo_jax import parallel as par
 from xpo_jax.config import TrainConfig
@@ -27,23 +27,7 @@ RANK, ALPHA = 4, 8.0
 CFG = parallel_test_config(lora_rank=RANK, lora_alpha=ALPHA, rounds=2)
 
 
-@pytest.fixture(scope="module")
-def run():
-    return build_run(CFG)
-
-
-def host(tree):
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-@pytest.fixture(scope="module")
-def trained(run, tmp_path_factory):
-    """Two rounds on one device, saved at the end: (trainer, run dir, final state on the host)."""
-    d = tmp_path_factory.mktemp("lora")
-    cfg = dataclasses.replace(CFG, run_dir=str(d), name="one")
-    t = Trainer(cfg, mesh=par.make_mesh(1, 1, devices=jax.devices()[:1]), run=run)
-    t.run()
-    return dict(trainer=t, cfg=cfg, state=host(t.state))
+run, trained = trained_run_fixtures(CFG, "lora")  # two rounds on one device, saved at the end
 
 
 def test_config_validation_and_targets(run):

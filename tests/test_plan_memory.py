@@ -47,3 +47,17 @@ def test_plan_memory_toy():
     f32_2 = _plan(2)
     assert f32_8["argument_bytes"] < f32_2["argument_bytes"]
     assert f32_8["global_state_bytes"] == f32_2["global_state_bytes"]
+
+
+def test_plan_memory_lora_rows_toy():
+    """LoRA mode of lower_round: the trained bytes are the adapters, an nf4 base takes fewer
+    argument bytes than a bfloat16 one."""
+    from xpo_jax.models import lora
+    from xpo_jax.models.transformer import init_params
+
+    bf16 = _plan(8, lora_rank=4, ref_dtype="bfloat16")
+    nf4 = _plan(8, lora_rank=4, ref_dtype="bfloat16", base_dtype="nf4")
+    base = jax.eval_shape(lambda: init_params(TOY, jax.random.PRNGKey(0)))
+    assert bf16["global_trained_bytes"] == nf4["global_trained_bytes"] == lora.tree_bytes(
+        lora.adapter_shapes(base, 4, lora.DEFAULT_TARGETS))
+    assert nf4["global_base_bytes"] < bf16["global_base_bytes"] and nf4["argument_bytes"] < bf16["argument_bytes"]

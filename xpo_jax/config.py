@@ -13,6 +13,10 @@ from typing import Optional
 from xpo_jax.losses import BONUSES, LOSSES, REQUIRED, check_params, resolve_bonus, resolve_loss
 
 FLOAT_DTYPES = ("float32", "bfloat16")
+# --base-dtype: the frozen base's storage. auto = --ref-dtype (or --param-dtype); int8 / nf4 = its
+# projection kernels quantized (QLoRA, xpo_jax.models.quant), the rest in the float storage.
+QUANTIZED_BASE = ("int8", "nf4")
+BASE_DTYPES = ("auto",) + FLOAT_DTYPES + QUANTIZED_BASE
 REMAT_MODES = ("none", "block", "matmuls")
 EXPLORATION_SAMPLING = ("auto", "mixture")
 # A run name is a folder under --run-dir, never a path: no '/', no '..', no hidden names.
@@ -93,6 +97,7 @@ class TrainConfig:
     lora_rank: int = 0  # LoRA adapters of this rank train; the base (= the reference) stays frozen (0 = off: full fine-tuning)
     lora_alpha: float = 16.0  # LoRA scale numerator: the adapters' output is scaled by alpha / rank
     lora_targets: str = LORA_TARGETS  # regex searched in the kernels' parameter paths: which projections get adapters
+    base_dtype: str = "auto"  # the frozen base's storage: auto (--ref-dtype), float32, bfloat16, or int8 / nf4 (QLoRA: quantized projections, needs --lora-rank)
     # -- logging / checkpoints ------------------------------------------------------------
     eval_every: int = 10  # eval/* every this many rounds: exact J_beta on tasks, held-out eval on HF runs (0 = off)
     checkpoint_every: int = 50  # save every this many rounds (0 = only at the end)
@@ -193,6 +198,22 @@ class TrainConfig:
             re.compile(self.lora_targets)
         except (re.error, TypeError) as e:
             bad("lora_targets", f"is not a regular expression ({e})")
+        if self.base_dtype not in BASE_DTYPES:
+            bad("base_dtype", f"expected one of {', '.join(BASE_DTYPES)}")
+        if self.base_dtype in QUANTIZED_BASE and not self.lora_rank:
+            bad("base_dtype", "a quantized base cannot be trained: it needs --lora-rank > 0 (adapters on the frozen "
+                "base), or use --base-dtype auto, float32 or bfloat16")
+        if self.base_dtype in FLOAT_DTYPES and self.ref_dtype not in (None, self.base_dtype):
+            bad("base_dtype", f"contradicts --ref-dtype={self.ref_dtype!r} (both set the base's storage: set one)")
+
+    def base_float_dtype(self) -> str:
+        """The float storage of the frozen base (the reference): --base-dtype when it is a float,
+        else --ref-dtype, else --param-dtype (of a quantized base: the leaves not quantized)."""
+        return self.base_dtype if self.base_dtype in FLOAT_DTYPES else self.ref_dtype or self.param_dtype
+
+    def base_quantization(self) -> Optional[str]:
+        """int8 or nf4 for a QLoRA run (--base-dtype), else None."""
+        return self.base_dtype if self.base_dtype in QUANTIZED_BASE else None
 
     def _check_int_ranges(self, bad) -> None:
         """Integers the program stores as int32 (rounds, step counts, sizes) must fit it; seeds are

@@ -15,6 +15,7 @@ imports nothing of xpo_jax (multi-host plumbing is `xpo_jax.distributed`).
                 elements) split on its largest remaining dimension that F divides. The reference,
                 the reward model and the optimiser state follow the same rules (a function of
                 the parameter's path and shape, so Adam's mu/nu get their parameter's sharding).
+                A quantized kernel's codes and scales (QLoRA) are split as their kernel.
     batch     : rows split over ("data", "fsdp") jointly: D*F shards of B/(D*F) prompts, whole
                 on every "tensor" device. Each host builds only its own rows (`host_rows`) and
                 `shard_batch` assembles the global array with
@@ -119,6 +120,13 @@ TENSOR_SPLITS: dict[str, tuple[str, int]] = {
 }
 
 
+# A quantized kernel (`xpo_jax.models.quant`, QLoRA's frozen base) is stored as codes and scales
+# in place of "kernel"; both keep the kernel's rank, output axis and the order of its inputs, so
+# the kernel's rule splits them too (a row-split scale [.., in / block, out] only where the split
+# divides it: each shard then holds its own codes' scales).
+KERNEL_CODES, KERNEL_SCALE = "kernel_q", "kernel_scale"
+QUANTIZED = (KERNEL_CODES, KERNEL_SCALE)
+
 # LoRA adapters (`xpo_jax.models.lora`: lora_a [in, r], lora_b [r, out] beside a kernel) are split
 # as their kernel is on the dimension they share with it: a column-parallel layer's lora_b by its
 # output columns, a row-parallel layer's lora_a by its input rows; the rank dimension and the
@@ -141,7 +149,8 @@ def split_dim(path: Sequence, shape: Sequence[int]) -> Optional[int]:
         return None
     for table in (TENSOR_SPLITS, LORA_SPLITS):
         rule = table.get(names[-2])
-        if rule is not None and names[-1] == rule[0] and len(shape) >= -rule[1]:
+        leaf = "kernel" if names[-1] in QUANTIZED else names[-1]
+        if rule is not None and leaf == rule[0] and len(shape) >= -rule[1]:
             return len(shape) + rule[1]
     return None
 
@@ -157,17 +166,20 @@ def tensor_dim(path: Sequence, shape: Sequence[int], tensor_size: int) -> Option
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = FSDP_MIN_SIZE, stacked: bool = False,
-              taken: Optional[int] = None) -> list:
+              taken: Optional[int] = None, prefer_last: bool = False) -> list:
     """Per-dimension axis names of one weight under FSDP: its largest dimension divisible by
     `fsdp_size` (ties: the first; never `taken`, nor the stacked layer axis) over "fsdp", when it
     is >= 2-D with >= `min_size` elements. `stacked`: the leading axis indexes layers
-    (`scan_layers`); it is never split, so each step of the layer scan finds its layer's shards."""
+    (`scan_layers`); it is never split, so each step of the layer scan finds its layer's shards.
+    `prefer_last`: the last dimension first when it divides (a quantized kernel's codes and
+    scales share only their output axis: split alike there, each shard dequantizes alone)."""
     shape = tuple(int(s) for s in shape)
     spec = [None] * len(shape)
     first = 1 if stacked else 0
     if fsdp_size <= 1 or len(shape) - first < 2 or math.prod(shape[first:]) < min_size:
         return spec
-    for d in sorted(range(first, len(shape)), key=lambda d: -shape[d]):  # stable: ties keep order
+    order = sorted(range(first, len(shape)), key=lambda d: -shape[d])  # stable: ties keep order
+    for d in ([len(shape) - 1] if prefer_last else []) + order:
         if d != taken and shape[d] % fsdp_size == 0:
             spec[d] = FSDP
             return spec
@@ -237,6 +249,20 @@ def pin_columns(x: Array, logits: bool = False) -> Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
 
 
+def pin_codes_gathered(x: Array, path: Sequence[str]) -> Array:
+    """Training only: a quantized kernel's codes or scales at `path` (one layer, inside the model)
+    constrained to their parameter sharding without "fsdp". FSDP's all-gather then moves the codes
+    (1 or 0.5 byte a weight) and each device dequantizes the whole kernel; unconstrained, XLA
+    dequantizes each shard and gathers floats. Identity elsewhere (decoding and prefill read the
+    decode layout, which is never gathered)."""
+    active = ACTIVATIONS.get()
+    if active is None or active[1] != TRAIN:
+        return x
+    layout = active[0]
+    spec = [None if a == FSDP else a for a in layout.param_spec(path, x.shape)]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, P(*spec)))
+
+
 def pin_rows(x: Array) -> Array:
     """`x` [B, ...] split by rows over data x fsdp in any mode (the sampler's logits [B, V]: each
     device draws the tokens of its own rows). Identity outside a `Layout.activations` region."""
@@ -302,9 +328,11 @@ class Layout:
 
     def param_spec(self, path: Sequence, shape: Sequence[int]) -> P:
         """The PartitionSpec of the weight at `path` with `shape`: tensor first, then FSDP."""
-        stacked = STACKED_LAYERS in _names(path)
+        names = _names(path)
+        stacked = STACKED_LAYERS in names
         t = tensor_dim(path, shape, self.tensor)
-        spec = fsdp_spec(shape, self.fsdp, self.min_size, stacked, taken=t)
+        quantized = bool(names) and names[-1] in QUANTIZED
+        spec = fsdp_spec(shape, self.fsdp, self.min_size, stacked, taken=t, prefer_last=quantized)
         if t is not None:
             spec[t] = TENSOR
         while spec and spec[-1] is None:  # P() for a replicated weight, P(None, "fsdp") ...
@@ -349,6 +377,8 @@ class Layout:
         d = split_dim(path, shape)
         if d is not None:
             spec[d] = model_axes(self, shape[d])
+            if _names(path)[-1] == KERNEL_SCALE and spec[d] != _axes_dividing(self, (FSDP, TENSOR), shape[d]):
+                spec[d] = None  # fsdp x tensor together or whole: always where its codes' shard is
         while spec and spec[-1] is None:
             spec.pop()
         return P(*spec)
@@ -357,9 +387,12 @@ class Layout:
         """`tree` (parameters, inside a jitted program) in the decode layout: floating leaves
         wider than `dtype` cast to it FIRST (a float32 master weight never crosses the
         interconnect to be used in bfloat16), then constrained to `decode_spec`. On one device
-        only the cast."""
+        only the cast. A quantized kernel's codes and scales are left as they are (the module
+        dequantizes them: sampling and training use the same weights)."""
         def one(path, x):
-            if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > jnp.dtype(dtype).itemsize:
+            quantized = _names(path)[-1:] and _names(path)[-1] in QUANTIZED
+            wider = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > jnp.dtype(dtype or x.dtype).itemsize
+            if dtype is not None and wider and not quantized:
                 x = x.astype(dtype)
             if self.mesh.size == 1:
                 return x

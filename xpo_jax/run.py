@@ -6,7 +6,9 @@ training program (`make_train`) and sweeps read a Run through this contract and 
     cfg            the validated TrainConfig
     apply_fn       the policy module's `apply` (a module with `hidden`, `head`, `init_cache`,
                    `prefill` and `decode`: the decoder, or any policy of that interface)
-    ref_params     the frozen reference parameters; the policy starts as a copy of them
+    ref_params     the frozen reference parameters; the policy starts as a copy of them (LoRA:
+                   the frozen base the adapters sit on; --base-dtype int8 / nf4: its
+                   projection kernels quantized on the host, `xpo_jax.models.quant`)
     prompt_len, max_new_tokens    the static shapes of a round: prompts [B, P], responses [B, N]
     eos_id, pad_id the response tokens' end and padding
     tx, fns        derived from cfg: the optax optimiser, and `RoundFns` (make_pairs, update,
@@ -39,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xpo_jax.config import TrainConfig
-from xpo_jax.models.lora import check_rank, init_adapters, target_kernels
+from xpo_jax.models.lora import adaptable_kernels, check_rank, init_adapters, target_kernels
+from xpo_jax.models.quant import quantize_base
 from xpo_jax.models.transformer import Transformer, stack_layer_params
 from xpo_jax.oracles import reward_fn_oracle
 from xpo_jax.parallel import Layout
@@ -232,9 +235,12 @@ def _build_task_run(cfg: TrainConfig) -> Run:
     model = task.make_model(**cfg.model_overrides())  # the decoder, or the task's own policy module
     check_lora_model(cfg, model)
     model_config = model.config
-    ref_params = cast(make_reference(task, jax.random.PRNGKey(cfg.reference_seed)), cfg.ref_dtype or cfg.param_dtype)
+    ref_params = cast(make_reference(task, jax.random.PRNGKey(cfg.reference_seed)), cfg.base_float_dtype())
     if model_config.scan_layers and isinstance(model, Transformer):
         ref_params = stack_layer_params(ref_params, model_config.n_layers)
+    if cfg.base_quantization():  # on the host, then onto the device once (quant.quantize_base)
+        kernels = adaptable_kernels(ref_params)
+        ref_params = jax.tree_util.tree_map(jnp.asarray, quantize_base(ref_params, kernels, cfg.base_quantization()))
     oracle = reward_fn_oracle(
         task.reward_fn, eos_id=task.eos_id, bradley_terry=cfg.bradley_terry,
         missing_eos_penalty=cfg.missing_eos_penalty, mask_identical=cfg.mask_identical,

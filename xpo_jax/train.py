@@ -152,6 +152,17 @@ def make_train(cfg: TrainConfig, run: Optional[Run] = None, mesh: Any = None) ->
 # ----------------------------------------------------------------------------------------------
 
 
+def _base_apart(fn: Callable) -> Callable:
+    """`fn(state, *args) -> (state, out)` as `(state without ref_params, base, *args) -> (state
+    without ref_params, out)`: a LoRA run's frozen base as an argument of its own, so donating the
+    state never donates it, and one placed copy of the base serves every round."""
+    def apart(state, base, *args):
+        new, out = fn(state.replace(ref_params=base), *args)
+        return new.replace(ref_params=None), out
+
+    return apart
+
+
 class Program:
     """The jitted, sharded programs of one run on one layout, each compiled once:
 
@@ -173,25 +184,31 @@ class Program:
         self.abstract_state = layout.abstract_state(shapes)
         rep, bs = layout.replicated, layout.batch
         self.ref_params = layout.place(run.ref_params)
-        self._init = jax.jit(run.init_state, out_shardings=st)
         # LoRA: checkpoints hold the adapters and their optimiser state, not the frozen base (the
         # run's reference, rebuilt or reloaded on resume and checked against its fingerprint).
+        # The programs take the base as an argument of its own, never donated (`_base_apart`):
+        # the state's ref_params IS self.ref_params, one copy of the base on device (`_call`).
         self.lora = bool(run.cfg.lora_rank)
         self.saved_abstract = self.abstract_state.replace(ref_params=None) if self.lora else self.abstract_state
-        self._copy_ref = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=st.ref_params)
+        apart = _base_apart if self.lora else (lambda fn: fn)
+        sa = (st.replace(ref_params=None), st.ref_params) if self.lora else (st,)  # the state's in_shardings
+        out = st.replace(ref_params=None) if self.lora else st
+        self._state_args = (self.saved_abstract, self.abstract_state.ref_params) if self.lora else (self.abstract_state,)
+        init = (lambda k, h, ref: run.init_state(k, h, ref).replace(ref_params=None)) if self.lora else run.init_state
+        self._init = jax.jit(init, out_shardings=out)
         self.oracle = None
         if run.oracle is not None:
             self.oracle = layout.place(run.oracle)
             oracle_sh = layout.params(run.oracle)
         if run.prompts.in_graph:
-            self._step = jax.jit(in_graph_round(run, layout), in_shardings=(st, rep, oracle_sh),
-                                 out_shardings=(st, rep), donate_argnums=0)
+            self._step = jax.jit(apart(in_graph_round(run, layout)), in_shardings=(*sa, rep, oracle_sh),
+                                 out_shardings=(out, rep), donate_argnums=0)
         elif run.oracle is not None:
-            self._step = jax.jit(run.fns.round_fn, in_shardings=(st, bs, bs, oracle_sh), out_shardings=(st, rep),
-                                 donate_argnums=0)
+            self._step = jax.jit(apart(run.fns.round_fn), in_shardings=(*sa, bs, bs, oracle_sh),
+                                 out_shardings=(out, rep), donate_argnums=0)
         else:
-            self._pairs = jax.jit(run.fns.make_pairs, in_shardings=(st, bs, bs), donate_argnums=0)
-            self._update = jax.jit(run.fns.update, out_shardings=(st, rep), donate_argnums=0)
+            self._pairs = jax.jit(apart(run.fns.make_pairs), in_shardings=(*sa, bs, bs), donate_argnums=0)
+            self._update = jax.jit(apart(run.fns.update), out_shardings=(out, rep), donate_argnums=0)
             self.rm_params = layout.place(run.judge.rm_params)
             self._judge = jax.jit(self._score_and_label)
         ev = run.evaluator
@@ -215,13 +232,14 @@ class Program:
         run, cfg = self.run, self.run.cfg
         sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
         batch = sds((cfg.batch_size, run.prompt_len), jnp.int32, self.layout.batch)
+        state = self._state_args
         if run.prompts.in_graph:
             key = sds(jax.random.PRNGKey(0).shape, jnp.uint32, self.layout.replicated)
-            programs = {"round": (self._step, (self.abstract_state, key, self.oracle))}
+            programs = {"round": (self._step, (*state, key, self.oracle))}
         elif self.oracle is not None:
-            programs = {"round": (self._step, (self.abstract_state, batch, batch, self.oracle))}
+            programs = {"round": (self._step, (*state, batch, batch, self.oracle))}
         else:
-            programs = {"make_pairs": (self._pairs, (self.abstract_state, batch, batch))}
+            programs = {"make_pairs": (self._pairs, (*state, batch, batch))}
         need = {}
         for name, (fn, args) in programs.items():
             compiled = fn.lower(*args).compile()
@@ -230,32 +248,41 @@ class Program:
         return need
 
     def init(self, key: Array, hparams: Any) -> Any:
-        return self._init(key, hparams, self.ref_params)
+        state = self._init(key, hparams, self.ref_params)
+        return state.replace(ref_params=self.ref_params) if self.lora else state
+
+    def _call(self, fn: Callable, state: Any, *args) -> tuple[Any, Any]:
+        """`fn(state, *args)` for a program built by `_base_apart` under LoRA: the state without its
+        base (donated), the base apart (not donated), and the base put back into the new state."""
+        if not self.lora:
+            return fn(state, *args)
+        new, out = fn(state.replace(ref_params=None), self.ref_params, *args)
+        return new.replace(ref_params=self.ref_params), out
 
     def to_save(self, state: Any) -> Any:
         """What a checkpoint holds of `state`: all of it, or without the base under LoRA."""
         return state.replace(ref_params=None) if self.lora else state
 
     def from_saved(self, state: Any) -> Any:
-        """A restored checkpoint (`to_save`'s form) as a full state: under LoRA with a fresh copy
-        of the base (the state is donated each round, the program's own base must survive)."""
-        return state.replace(ref_params=self._copy_ref(self.ref_params)) if self.lora else state
+        """A restored checkpoint (`to_save`'s form) as a full state: under LoRA with the program's
+        base (never donated: `_base_apart`)."""
+        return state.replace(ref_params=self.ref_params) if self.lora else state
 
     def step(self, state: Any, data_key: Array, round_idx: int) -> tuple[Any, dict]:
         run = self.run
         if run.prompts.in_graph:
-            return self._step(state, data_key, self.oracle)
+            return self._call(self._step, state, data_key, self.oracle)
         layout, B = self.layout, run.cfg.batch_size
         texts, prompts, mask = run.prompts.next_local(layout.host_rows(B))
         prompts, mask = layout.shard_batch(prompts, mask, global_batch_size=B)
         if self.oracle is not None:
-            state, metrics = self._step(state, prompts, mask, self.oracle)
+            state, metrics = self._call(self._step, state, prompts, mask, self.oracle)
         else:
-            state, pairs = self._pairs(state, prompts, mask)
+            state, pairs = self._call(self._pairs, state, prompts, mask)
             local = [local_rows(a) for a in (pairs.y.tokens, pairs.y.mask, pairs.yt.tokens, pairs.yt.mask)]
             encoded = run.judge.encode(texts, local[0], local[1]) + run.judge.encode(texts, local[2], local[3])
             ry, rym, ryt, rytm = layout.shard_batch(*encoded, global_batch_size=B)
-            state, metrics = self._update(state, self._judge(self.rm_params, pairs, ry, rym, ryt, rytm))
+            state, metrics = self._call(self._update, state, self._judge(self.rm_params, pairs, ry, rym, ryt, rytm))
         metrics = dict(metrics)
         # Each process counts the rows it read: the run's counts are their sum (what one process
         # reading the whole batch counts).

@@ -171,11 +171,14 @@ def check_hf_inputs(cfg: TrainConfig) -> None:
     check_eval_inputs(cfg)
 
 
-def _load(flag: str, path: str, want_kind: str, sharding_fn: Optional[Callable], dtype: str, overrides: dict):
-    """A checkpoint straight into its shardings (`sharding_fn`), stored in `dtype`, with the run's
-    ModelConfig overrides (compute dtype, remat, scan_layers); errors name the flag."""
+def _load(flag: str, path: str, want_kind: str, sharding_fn: Optional[Callable], dtype: str, overrides: dict,
+          quantize: Optional[str] = None):
+    """A checkpoint straight into its shardings (`sharding_fn`), stored in `dtype` (its projection
+    kernels quantized with `quantize`: QLoRA), with the run's ModelConfig overrides (compute dtype,
+    remat, scan_layers); errors name the flag."""
     try:
-        config, params, kind = load_hf(path, dtype=dtype, shardings=sharding_fn, overrides=overrides)
+        config, params, kind = load_hf(path, dtype=dtype, shardings=sharding_fn, overrides=overrides,
+                                       quantize=quantize)
     except (OSError, KeyError, ValueError, NotImplementedError) as e:
         raise ValueError(f"--{flag}={path!r}: {e}") from e
     if kind != want_kind:
@@ -209,8 +212,8 @@ def build_hf_pieces(cfg: TrainConfig, layout: Layout) -> HFPieces:
     eval_rm_tok = eval_rm_tokenizer(cfg, tok) if cfg.eval_reward_model else None
     # The policy checkpoint is the reference: stored in --ref-dtype; the policy's master copy is
     # made from it in --param-dtype when the state is initialised.
-    pol_cfg, params = _load("policy", cfg.policy, "causal_lm", sharding_fn, cfg.ref_dtype or cfg.param_dtype,
-                            cfg.model_overrides())
+    pol_cfg, params = _load("policy", cfg.policy, "causal_lm", sharding_fn, cfg.base_float_dtype(),
+                            cfg.model_overrides(), cfg.base_quantization())
     check_finite("policy", cfg.policy, params)
     rm_cfg, rm_params = _load("reward-model", cfg.reward_model, "reward_model", sharding_fn,
                               cfg.reward_dtype or cfg.param_dtype,

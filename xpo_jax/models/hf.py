@@ -68,7 +68,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from xpo_jax.models import families, lora
+from xpo_jax.models import families, lora, quant
 from xpo_jax.models.transformer import ModelConfig, RewardModel, Transformer
 
 KINDS = ("causal_lm", "reward_model")
@@ -319,7 +319,7 @@ def _key(index: tuple) -> tuple:
 
 
 def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[ShardingFn] = None,
-            overrides: Optional[dict] = None) -> tuple[ModelConfig, dict, str]:
+            overrides: Optional[dict] = None, quantize: Optional[str] = None) -> tuple[ModelConfig, dict, str]:
     """Load a Hugging Face checkpoint directory (config.json + safetensors).
 
     Args:
@@ -340,6 +340,10 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
       overrides: ModelConfig fields set on the loaded config before the parameters are built,
         e.g. {"scan_layers": True, "remat": "block", "dtype": "bfloat16", "suppress_ids": (0,)}.
         With scan_layers the per-layer tensors are stacked. Not "param_dtype" (that is `dtype`).
+      quantize: None, or "int8" / "nf4" (QLoRA's frozen base): every projection kernel (the
+        modules LoRA can adapt) is read whole on the host, one layer at a time, quantized there
+        (`quant.quantize`, from the `dtype` values) and placed as kernel_q / kernel_scale; a
+        float copy of it never reaches a device.
 
     Returns:
       (config, params, kind): params is the "params" collection of `Transformer(config)` when kind
@@ -371,8 +375,12 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None, shardings: Optional[S
 
         _check_headers(path, names, shapes, handle)
         read = _param_reader(names, shapes, handle, dt)
-        flat = {param_path: _place(param_path, shape, read, shardings)
-                for param_path, shape in shapes.items()}
+        flat = {}
+        for param_path, shape in shapes.items():
+            if quantize and param_path[-1] == "kernel" and param_path[-2] in lora.ADAPTABLE:
+                flat.update(_place_quantized(param_path, shape, read, shardings, quantize))
+            else:
+                flat[param_path] = _place(param_path, shape, read, shardings)
     return config, traverse_util.unflatten_dict(flat), kind
 
 
@@ -464,9 +472,42 @@ def _place(param_path: tuple, shape: tuple, read: Callable, shardings: Optional[
     return jax.make_array_from_callback(shape, shardings(param_path, shape), callback)
 
 
+def _place_quantized(param_path: tuple, shape: tuple, read: Callable, shardings: Optional[ShardingFn],
+                     kind: str) -> dict:
+    """{codes path: kernel_q, scale path: kernel_scale} of one kernel, quantized on the host one
+    layer at a time (a stacked kernel's float copy is never whole), then placed like parameters."""
+    name = "/".join(param_path)
+    if len(shape) == 3:  # stacked [L, in, out]
+        parts = [quant.quantize(read(param_path, (slice(i, i + 1),)), kind, name) for i in range(shape[0])]
+        codes, scale = (np.concatenate([p[j] for p in parts]) for j in (0, 1))
+    else:
+        codes, scale = quant.quantize(read(param_path, (slice(None),) * len(shape)), kind, name)
+    out = {}
+    for leaf, x in ((quant.CODES, codes), (quant.SCALE, scale)):
+        path = param_path[:-1] + (leaf,)
+        out[path] = jnp.asarray(x) if shardings is None else jax.make_array_from_callback(
+            x.shape, shardings(path, x.shape), lambda idx, x=x: x[idx])
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
+
+
+class _Dequantized:
+    """A quantized kernel as save_hf reads it: its float shape, and one layer (or the whole
+    kernel) dequantized on demand, so the export never holds the whole float base."""
+
+    def __init__(self, codes: Any, scale: Any):
+        self.codes, self.scale, self.shape = codes, scale, quant.kernel_shape(codes)
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        return np.asarray(quant.dequantize(_host_value(self.codes[layer]), _host_value(self.scale[layer])))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        w = np.asarray(quant.dequantize(_host_value(self.codes), _host_value(self.scale)))
+        return w if dtype is None else w.astype(dtype)
 
 
 def _host_value(x: Any) -> np.ndarray:
@@ -540,7 +581,9 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind:
     LoRA: with `adapters` (a LoRA run's `state.params`; `params` then the base, its
     `ref_params`) and `lora_alpha`, each adapted kernel is written merged, W + (alpha / r) A B
     (in float32 on the host, one tensor at a time, then cast to `dtype`); `save_peft_adapter`
-    writes the adapters alone in peft's layout instead.
+    writes the adapters alone in peft's layout instead. A quantized base (QLoRA, `params` with
+    kernel_q / kernel_scale) is written dequantized, W_deq (+ (alpha / r) A B): the merged model
+    carries the quantization error (the adapters were trained on W_deq, not on the original W).
     """
     dt = _float_dtype(dtype, config.param_dtype)
     hf_config = config_to_hf(config, kind, dt)
@@ -548,6 +591,8 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, *, kind:
     names = _param_map(config, kind)
     shapes = _expected_shapes(config, kind)
     flat = traverse_util.flatten_dict(params)
+    for p in [p for p in flat if p[-1] == quant.CODES]:  # a QLoRA base: written dequantized
+        flat[p[:-1] + ("kernel",)] = _Dequantized(flat.pop(p), flat.pop(p[:-1] + (quant.SCALE,)))
     delta = _lora_delta(adapters, lora_alpha, flat)
     for param_path, shape in shapes.items():
         if param_path not in flat:

@@ -30,6 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xpo_jax.models import quant
+from xpo_jax.parallel import pin_codes_gathered
+
 Array = jax.Array
 
 LORA_A, LORA_B = "lora_a", "lora_b"
@@ -41,11 +44,20 @@ DEFAULT_TARGETS = "|".join(ADAPTABLE)
 class LoraDense(nn.Dense):
     """nn.Dense, plus `(x A) B` when the module's parameters hold `lora_a` [in, r] and `lora_b`
     [r, out] (the scale already in `lora_b`: `with_adapters`). The adapter matmuls run in the
-    compute dtype like the kernel's. Without adapters it is nn.Dense unchanged."""
+    compute dtype like the kernel's. Without adapters it is nn.Dense unchanged.
+
+    QLoRA: parameters holding `kernel_q` / `kernel_scale` (`xpo_jax.models.quant`) in place of
+    `kernel` are dequantized here, in this layer's forward, and the result is nn.Dense's on the
+    dequantized kernel. Under `jax.checkpoint`: the backward dequantizes again rather than keep
+    the float kernel (with scan_layers, one layer's float kernel is alive at a time). Training on
+    an FSDP mesh gathers the codes, not the floats (`parallel.pin_codes_gathered`)."""
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
-        y = super().__call__(inputs)
+        if self.has_variable("params", quant.CODES):
+            y = self._quantized(inputs)
+        else:
+            y = super().__call__(inputs)
         if not (self.has_variable("params", LORA_A) and self.has_variable("params", LORA_B)):
             return y
         a = self.get_variable("params", LORA_A)
@@ -53,6 +65,23 @@ class LoraDense(nn.Dense):
         dt = self.dtype or inputs.dtype
         h = jnp.einsum("...i,ir->...r", inputs.astype(dt), a.astype(dt))
         return y + jnp.einsum("...r,ro->...o", h, b.astype(dt)).astype(y.dtype)
+
+    def _quantized(self, inputs: Array) -> Array:
+        """nn.Dense's computation on the kernel dequantized (float32, then the compute dtype)."""
+        codes, scale = self.get_variable("params", quant.CODES), self.get_variable("params", quant.SCALE)
+        bias = self.get_variable("params", "bias") if self.use_bias else None
+
+        where = ("model", self.name or "dense")  # the codes' parameter rule (tensor split kept, fsdp gathered)
+        gathered = lambda leaf, v: pin_codes_gathered(v, where + (leaf,))
+
+        @jax.checkpoint
+        def dense(inputs, codes, scale, bias):
+            codes, scale = gathered(quant.CODES, codes), gathered(quant.SCALE, scale)
+            x, kernel, bias = self.promote_dtype(inputs, quant.dequantize(codes, scale), bias, dtype=self.dtype)
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+            return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+        return dense(inputs, codes, scale, bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,8 +99,8 @@ def adaptable_kernels(base: Any) -> dict[str, tuple]:
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(base)[0]:
         s = _path_str(path).split("/")
-        if len(s) >= 2 and s[-1] == "kernel" and s[-2] in ADAPTABLE:
-            out["/".join(s)] = tuple(x.shape)
+        if len(s) >= 2 and s[-1] in ("kernel", quant.CODES) and s[-2] in ADAPTABLE:  # float or quantized
+            out["/".join(s[:-1] + ["kernel"])] = quant.kernel_shape(x)
     return out
 
 
@@ -155,7 +184,9 @@ def split_adapters(params: Any) -> tuple[dict, dict]:
 
 def merged(base: Any, adapters: Any, scale: float) -> dict:
     """The base with each adapted kernel replaced by W + scale * A @ B (float32 sum, cast back to
-    W's dtype): the adapted model as plain weights (export, tests)."""
+    W's dtype): the adapted model as plain weights (export, tests). A quantized base is
+    dequantized first (float32): the merged weights carry its quantization error."""
+    base = quant.dequantized(base)
     flat = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(adapters)[0]}
 
     def one(path, w):
