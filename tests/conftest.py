@@ -30,10 +30,11 @@ jax.config.update("jax_enable_x64", False)
 
 # The longest files first (xdist hands whole files to whichever worker is free, in collection
 # order): a long file collected last would otherwise run alone at the end. Measured per-file
-# times, 2-core sandbox, 2026-12-04; files not listed keep their order after these.
-LONGEST_FIRST = ("test_parallel.py", "test_hf_run.py", "test_sweep.py", "test_round.py", "test_faults.py",
-                 "test_train.py", "test_readme.py", "test_hf_eval.py", "test_plan_time.py", "test_lora.py",
-                 "test_plan_memory.py", "test_tasks.py")
+# times, 2-core sandbox, 2026-12-04 (after QLoRA's tests); files not listed keep their order after these.
+LONGEST_FIRST = ("test_parallel.py", "test_faults.py", "test_round.py", "test_hf_run.py", "test_sweep.py",
+                 "test_readme.py", "test_quant.py", "test_lora.py", "test_train.py", "test_tasks.py",
+                 "test_hf_eval.py", "test_transformer.py", "test_sampling.py", "test_plan_memory.py",
+                 "test_plan_time.py", "test_hf.py")
 
 
 def pytest_collection_modifyitems(items):
