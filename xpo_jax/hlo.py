@@ -565,6 +565,10 @@ def _collective(module: HloModule, ins: Instr, loops: tuple) -> Collective:
                       float(wire), loops, ins.op_name, tuple(module.stack(ins.frame_id)), module.num_partitions)
 
 
+def _is_gemm(ins: Instr) -> bool:
+    return ins.opcode == "custom-call" and any(t in ins.attrs for t in _GEMM_TARGETS)
+
+
 def _gemm_result(ins: Instr) -> list:
     """A cuBLAS custom-call's results without its workspace (the tuple's last element)."""
     return ins.shape[:-1] if len(ins.shape) > 1 else ins.shape
@@ -573,7 +577,7 @@ def _gemm_result(ins: Instr) -> list:
 def _flops_of(module: HloModule, ins: Instr) -> dict:
     op = ins.opcode
     out = sum(a.size for a in ins.shape)
-    if op == "custom-call" and any(t in ins.attrs for t in _GEMM_TARGETS):
+    if _is_gemm(ins):
         lhs = module.instrs[ins.operands[0]].shape[0]
         m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
         dims = re.findall(r"\d+", m.group(1)) if m else []
@@ -653,7 +657,7 @@ def _own_cost(module: HloModule, ins: Instr) -> dict:
         results = ins.shape[n_in:-1] if len(ins.shape) > n_in + 1 else ins.shape[n_in:]
         acc[("hbm",)] = float(_fusion_bytes(module, ins, sum(a.nbytes for a in results)))
         return acc
-    if op == "custom-call" and any(t in ins.attrs for t in _GEMM_TARGETS):
+    if _is_gemm(ins):
         acc[("hbm",)] = float(sum(a.nbytes for a in _gemm_result(ins)) + sum(a.nbytes for a in module.operand_shapes(ins)))
         return acc
     acc[("hbm",)] = float(out + sum(a.nbytes for a in module.operand_shapes(ins)))
